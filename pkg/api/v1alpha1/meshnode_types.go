@@ -1,0 +1,148 @@
+package v1alpha1
+
+import metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+// IP is an IPv4 or IPv6 address in its usual text form.
+// +kubebuilder:validation:MaxLength=45
+// +kubebuilder:validation:XValidation:rule="isIP(self)",message="must be an IPv4 or IPv6 address"
+type IP string
+
+// CIDR is an IPv4 or IPv6 prefix with no host bits set, such as 10.244.1.0/24.
+// +kubebuilder:validation:MaxLength=49
+// +kubebuilder:validation:XValidation:rule="isCIDR(self)",message="must be a CIDR such as 10.244.1.0/24 or fd44::/64"
+// +kubebuilder:validation:XValidation:rule="!isCIDR(self) || cidr(self) == cidr(self).masked()",message="must not have host bits set"
+type CIDR string
+
+// WireGuardBackend says which WireGuard implementation a node runs.
+// +kubebuilder:validation:Enum=kernel;userspace
+type WireGuardBackend string
+
+// The WireGuard backends.
+const (
+	// BackendKernel is the kernel's WireGuard module, configured through netlink.
+	BackendKernel WireGuardBackend = "kernel"
+	// BackendUserspace is the embedded wireguard-go device in its own process.
+	BackendUserspace WireGuardBackend = "userspace"
+)
+
+// Condition types of MeshNode status.
+const (
+	// ConditionReady is true when the agent has applied the cluster's configuration.
+	ConditionReady = "Ready"
+	// ConditionEncrypted is true when encryption is on and every known peer is configured.
+	ConditionEncrypted = "Encrypted"
+	// ConditionDegraded is true when the agent skipped input it could not use.
+	ConditionDegraded = "Degraded"
+)
+
+// MeshNode is what one node's agent announces about itself: where its tunnels end, which pod
+// CIDRs it holds and its public key. It is cluster-scoped, named after the Kubernetes node,
+// and written only by that node's agent.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:resource:scope=Cluster,shortName=mn
+// +kubebuilder:subresource:status
+// +kubebuilder:printcolumn:name="Mode",type=string,JSONPath=`.status.mode`
+// +kubebuilder:printcolumn:name="Backend",type=string,JSONPath=`.status.backend`
+// +kubebuilder:printcolumn:name="Peers",type=integer,JSONPath=`.status.peersReady`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type MeshNode struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// Spec is what the node announces.
+	Spec MeshNodeSpec `json:"spec"`
+	// Status is what the node's agent observed and applied.
+	// +optional
+	Status MeshNodeStatus `json:"status,omitempty"`
+}
+
+// MeshNodeSpec is what a node announces to its peers.
+type MeshNodeSpec struct {
+	// UnderlayIPs are the node's addresses on the network between nodes, where tunnels end:
+	// at most one IPv4 and one IPv6 address.
+	// +kubebuilder:validation:MinItems=1
+	// +kubebuilder:validation:MaxItems=2
+	// +listType=set
+	UnderlayIPs []IP `json:"underlayIPs"`
+	// PodCIDRs are the node's pod address ranges, from the Kubernetes Node's spec.podCIDRs.
+	// +kubebuilder:validation:MaxItems=8
+	// +listType=set
+	// +optional
+	PodCIDRs []CIDR `json:"podCIDRs,omitempty"`
+	// WireGuard is the node's WireGuard endpoint.
+	// +optional
+	WireGuard *WireGuardSpec `json:"wireguard,omitempty"`
+	// BootID identifies the node's current boot; it changes when the node reboots.
+	// +kubebuilder:validation:MaxLength=64
+	// +optional
+	BootID string `json:"bootID,omitempty"`
+}
+
+// WireGuardSpec is a node's WireGuard endpoint.
+type WireGuardSpec struct {
+	// PublicKey is the node's WireGuard public key: 32 bytes, base64.
+	// +kubebuilder:validation:Pattern=`^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$`
+	PublicKey string `json:"publicKey"`
+	// ListenPort is the UDP port the node's WireGuard device listens on.
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=65535
+	ListenPort int32 `json:"listenPort"`
+}
+
+// MeshNodeStatus is what a node's agent observed and applied.
+type MeshNodeStatus struct {
+	// Conditions are Ready, Encrypted and Degraded.
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+	// Mode is the encryption mode the agent has applied.
+	// +optional
+	Mode EncryptionMode `json:"mode,omitempty"`
+	// Backend is the WireGuard implementation in use.
+	// +optional
+	Backend WireGuardBackend `json:"backend,omitempty"`
+	// TunnelMTU is the MTU of the node's WireGuard device: the underlay MTU less the
+	// tunnel overhead. Pod interfaces should not exceed it.
+	// +optional
+	TunnelMTU int32 `json:"tunnelMTU,omitempty"`
+	// PeersReady counts the peers configured with their current key, endpoint and pod CIDRs.
+	// +optional
+	PeersReady int32 `json:"peersReady,omitempty"`
+	// Peers is the state of each configured peer.
+	// +listType=map
+	// +listMapKey=node
+	// +optional
+	Peers []PeerStatus `json:"peers,omitempty"`
+}
+
+// PeerStatus is the state of one WireGuard peer as the node's device reports it.
+type PeerStatus struct {
+	// Node is the peer's node name.
+	Node string `json:"node"`
+	// PublicKey is the public key the peer is configured with.
+	PublicKey string `json:"publicKey"`
+	// Endpoint is the peer's underlay address and port.
+	// +optional
+	Endpoint string `json:"endpoint,omitempty"`
+	// LastHandshakeTime is the time of the last completed handshake, unset if none yet.
+	// +optional
+	LastHandshakeTime *metav1.Time `json:"lastHandshakeTime,omitempty"`
+	// ReceiveBytes counts bytes received from the peer.
+	// +optional
+	ReceiveBytes int64 `json:"receiveBytes,omitempty"`
+	// TransmitBytes counts bytes sent to the peer.
+	// +optional
+	TransmitBytes int64 `json:"transmitBytes,omitempty"`
+}
+
+// MeshNodeList is a list of MeshNode.
+//
+// +kubebuilder:object:root=true
+type MeshNodeList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	// Items are the listed objects.
+	Items []MeshNode `json:"items"`
+}
