@@ -127,14 +127,9 @@ type PeerStatus struct {
 	// +optional
 	Endpoint string `json:"endpoint,omitempty"`
 	// LastHandshakeTime is the time of the last completed handshake, unset if none yet.
+	// (Byte counters change with every packet and belong in metrics, not in the API.)
 	// +optional
 	LastHandshakeTime *metav1.Time `json:"lastHandshakeTime,omitempty"`
-	// ReceiveBytes counts bytes received from the peer.
-	// +optional
-	ReceiveBytes int64 `json:"receiveBytes,omitempty"`
-	// TransmitBytes counts bytes sent to the peer.
-	// +optional
-	TransmitBytes int64 `json:"transmitBytes,omitempty"`
 }
 
 // MeshNodeList is a list of MeshNode.

@@ -1,0 +1,122 @@
+// Command meshcrypt-agent is the meshcrypt node agent. It runs on every node (a DaemonSet),
+// publishes the node's MeshNode and keeps its WireGuard device and tunnel routes in step with
+// the cluster. `meshcrypt-agent wireguard-device` is the long-lived userspace WireGuard device
+// the agent starts when the kernel has no WireGuard.
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/meshcrypt/meshcrypt/internal/logging"
+	"github.com/meshcrypt/meshcrypt/pkg/agent"
+	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
+)
+
+func main() {
+	if err := newRootCmd().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "meshcrypt-agent:", err)
+		os.Exit(1)
+	}
+}
+
+type logFlags struct{ format, level string }
+
+func (l *logFlags) register(cmd *cobra.Command) {
+	cmd.PersistentFlags().StringVar(&l.format, "log-format", "text", "log format: text or json")
+	cmd.PersistentFlags().StringVar(&l.level, "log-level", "info", "log level: debug, info, warn or error")
+}
+
+func newRootCmd() *cobra.Command {
+	var (
+		lf          logFlags
+		kubeconfig  string
+		opts        agent.Options
+		backend     string
+		underlayIPs []string
+	)
+	cmd := &cobra.Command{
+		Use:           "meshcrypt-agent",
+		Short:         "meshcrypt node agent: WireGuard keys, peers and tunnel routes for this node",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Args:          cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := logging.New(os.Stderr, lf.format, lf.level)
+			if err != nil {
+				return err
+			}
+			opts.Logger = log
+			if opts.WireGuard.Backend, err = wireguard.ParseBackend(backend); err != nil {
+				return err
+			}
+			for _, s := range underlayIPs {
+				ip, err := netip.ParseAddr(s)
+				if err != nil {
+					return fmt.Errorf("--underlay-ip %q: %w", s, err)
+				}
+				opts.UnderlayIPs = append(opts.UnderlayIPs, ip)
+			}
+			// An empty --kubeconfig means in-cluster configuration.
+			if opts.RESTConfig, err = clientcmd.BuildConfigFromFlags("", kubeconfig); err != nil {
+				return fmt.Errorf("load kubeconfig: %w", err)
+			}
+			opts.RESTConfig.UserAgent = "meshcrypt-agent/" + opts.NodeName
+			a, err := agent.New(opts)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			return a.Run(ctx)
+		},
+	}
+	lf.register(cmd)
+	f := cmd.Flags()
+	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster configuration)")
+	f.StringVar(&opts.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's Kubernetes name (default $NODE_NAME)")
+	f.StringVar(&opts.StateDir, "state-dir", "/var/lib/meshcrypt", "directory for the private key (mode 0600) and device logs")
+	f.StringVar(&opts.WireGuard.Iface, "wireguard-iface", "meshcrypt0", "WireGuard device name (unique per host)")
+	f.IntVar(&opts.WireGuard.ListenPort, "wireguard-port", agent.DefaultListenPort, "WireGuard UDP listen port")
+	f.StringVar(&backend, "wireguard-backend", "auto", "WireGuard implementation: auto (kernel if available), kernel or userspace")
+	f.StringSliceVar(&underlayIPs, "underlay-ip", nil, "underlay addresses (default: the Node's InternalIPs)")
+	f.StringVar(&opts.BootIDPath, "boot-id-file", "/proc/sys/kernel/random/boot_id", "file holding this boot's ID")
+	f.IntVar(&opts.RouteTable, "route-table", 0, "routing table for tunnel routes (default 28003)")
+	f.IntVar(&opts.RulePriority, "rule-priority", 0, "priority of the rule that looks up the tunnel table (default 1000)")
+	f.DurationVar(&opts.ResyncPeriod, "resync-period", 0, "how often to re-apply the desired state (default 30s)")
+	f.DurationVar(&opts.StatusPeriod, "status-period", 0, "how often to refresh peer handshakes in status (default 10s)")
+	cmd.AddCommand(newDeviceCmd(&lf))
+	return cmd
+}
+
+func newDeviceCmd(lf *logFlags) *cobra.Command {
+	var opts wireguard.RunOptions
+	cmd := &cobra.Command{
+		Use:   "wireguard-device",
+		Short: "run the userspace WireGuard device (started by the agent; outlives agent restarts)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := logging.New(os.Stderr, lf.format, lf.level)
+			if err != nil {
+				return err
+			}
+			opts.Logger = log
+			// SIGINT/SIGTERM end the device (and with it the tunnel); nothing else does.
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE)
+			return wireguard.RunDevice(ctx, opts)
+		},
+	}
+	cmd.Flags().StringVar(&opts.Name, "iface", "", "device name")
+	cmd.Flags().IntVar(&opts.MTU, "mtu", wireguard.DefaultTunnelMTU, "device MTU")
+	_ = cmd.MarkFlagRequired("iface")
+	return cmd
+}

@@ -1,0 +1,592 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/rest"
+	toolscache "k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/vishvananda/netlink"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
+	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
+	"github.com/meshcrypt/meshcrypt/pkg/datapath"
+)
+
+// Log attribute keys.
+const (
+	logNode  = "node"
+	logIface = "iface"
+	logPeer  = "peer"
+)
+
+// KeyFileName is the private key's file name inside the state directory.
+const KeyFileName = "wireguard.key"
+
+// Options configure an Agent.
+type Options struct {
+	// NodeName is the Kubernetes node this agent runs on. Required.
+	NodeName string
+	// StateDir holds the private key and the userspace device's log. Required.
+	StateDir string
+	// RESTConfig reaches the API server. Required.
+	RESTConfig *rest.Config
+	// Netlink is bound to the node's network namespace; nil opens one for the current one.
+	Netlink *netlink.Handle
+	// WireGuard configures the device.
+	WireGuard WireGuardOptions
+	// UnderlayIPs overrides the underlay addresses taken from the Node's InternalIPs.
+	UnderlayIPs []netip.Addr
+	// BootIDPath is read for the boot ID; default /proc/sys/kernel/random/boot_id.
+	BootIDPath string
+	// RouteTable and RulePriority place the tunnel routes; zero means the datapath defaults.
+	RouteTable, RulePriority int
+	// ResyncPeriod re-applies the desired state to heal drift; default 30 s.
+	ResyncPeriod time.Duration
+	// StatusPeriod refreshes peer handshakes in status; default 10 s.
+	StatusPeriod time.Duration
+	// Logger receives the agent's logs; nil discards them.
+	Logger *slog.Logger
+}
+
+// WireGuardOptions configure the node's WireGuard device.
+type WireGuardOptions struct {
+	// Iface is the device name; it must be unique on the host (UAPI sockets are global).
+	Iface string
+	// ListenPort is the UDP port; default 51871.
+	ListenPort int
+	// Backend is auto (the default), kernel or userspace.
+	Backend wireguard.Backend
+	// Executable runs the userspace device as `Executable wireguard-device ...`;
+	// default: this program.
+	Executable string
+}
+
+// DefaultListenPort is the WireGuard listen port unless configured.
+const DefaultListenPort = 51871
+
+// Agent reconciles one node. Create it with New and start it with Run.
+type Agent struct {
+	opts    Options
+	log     *slog.Logger
+	scheme  *runtime.Scheme
+	trigger chan struct{}
+
+	// Set up in Run.
+	client    client.Client
+	cache     cache.Cache
+	recorder  record.EventRecorder
+	key       wgtypes.Key
+	bootID    string
+	mtu       int
+	dev       wireguard.Device
+	routes    *datapath.Routes
+	nameByKey map[wgtypes.Key]string
+	lastSkips string
+	lastErr   error
+	applied   v1alpha1.EncryptionMode
+	skips     []skip
+	peers     []wireguard.Peer
+}
+
+// New checks opts and returns an Agent. It does no I/O.
+func New(opts Options) (*Agent, error) {
+	if opts.NodeName == "" {
+		return nil, errors.New("node name is required")
+	}
+	if opts.StateDir == "" {
+		return nil, errors.New("state dir is required")
+	}
+	if opts.RESTConfig == nil {
+		return nil, errors.New("API server config is required")
+	}
+	if opts.WireGuard.Iface == "" {
+		opts.WireGuard.Iface = "meshcrypt0"
+	}
+	if len(opts.WireGuard.Iface) > 15 {
+		return nil, fmt.Errorf("interface name %q is longer than 15 characters", opts.WireGuard.Iface)
+	}
+	if opts.WireGuard.ListenPort == 0 {
+		opts.WireGuard.ListenPort = DefaultListenPort
+	}
+	if opts.WireGuard.ListenPort < 1 || opts.WireGuard.ListenPort > 65535 {
+		return nil, fmt.Errorf("listen port %d outside 1-65535", opts.WireGuard.ListenPort)
+	}
+	backend, err := wireguard.ParseBackend(string(opts.WireGuard.Backend))
+	if err != nil {
+		return nil, err
+	}
+	opts.WireGuard.Backend = backend
+	if opts.BootIDPath == "" {
+		opts.BootIDPath = "/proc/sys/kernel/random/boot_id"
+	}
+	if opts.ResyncPeriod == 0 {
+		opts.ResyncPeriod = 30 * time.Second
+	}
+	if opts.StatusPeriod == 0 {
+		opts.StatusPeriod = 10 * time.Second
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return nil, err
+	}
+	if err := v1alpha1.AddToScheme(scheme); err != nil {
+		return nil, err
+	}
+	return &Agent{
+		opts:    opts,
+		log:     log.With(logNode, opts.NodeName),
+		scheme:  scheme,
+		trigger: make(chan struct{}, 1),
+	}, nil
+}
+
+// Run sets the node up and reconciles until ctx ends. On return the device, its peers and
+// the routes stay in place, so an agent restart does not interrupt traffic.
+func (a *Agent) Run(ctx context.Context) error {
+	key, created, err := wireguard.LoadOrCreateKey(filepath.Join(a.opts.StateDir, KeyFileName))
+	if err != nil {
+		return fmt.Errorf("load WireGuard key: %w", err)
+	}
+	a.key = key
+	a.log.Info("WireGuard key loaded", "created", created, "fingerprint", wireguard.Fingerprint(key.PublicKey()))
+	if b, err := os.ReadFile(a.opts.BootIDPath); err == nil {
+		a.bootID = strings.TrimSpace(string(b))
+	} else {
+		a.log.Warn("no boot ID", "err", err)
+	}
+
+	h := a.opts.Netlink
+	if h == nil {
+		if h, err = netlink.NewHandle(); err != nil {
+			return fmt.Errorf("open netlink: %w", err)
+		}
+		defer h.Close()
+	}
+	a.routes = datapath.NewRoutes(h)
+
+	if a.client, err = client.New(a.opts.RESTConfig, client.Options{Scheme: a.scheme}); err != nil {
+		return fmt.Errorf("create API client: %w", err)
+	}
+	core, err := typedcorev1.NewForConfig(a.opts.RESTConfig)
+	if err != nil {
+		return fmt.Errorf("create events client: %w", err)
+	}
+	bc := record.NewBroadcaster(record.WithContext(ctx))
+	bc.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: core.Events("")})
+	defer bc.Shutdown()
+	a.recorder = bc.NewRecorder(a.scheme, corev1.EventSource{Component: "meshcrypt-agent", Host: a.opts.NodeName})
+
+	node, err := a.waitForNode(ctx)
+	if err != nil {
+		return err
+	}
+	local, err := localFromNode(node, a.opts.UnderlayIPs)
+	if err != nil {
+		return err
+	}
+	underlayMTU, iface, err := underlayLinkMTU(h, local.Underlay)
+	if err != nil {
+		return err
+	}
+	a.mtu = wireguard.TunnelMTU(underlayMTU)
+	if a.mtu == 0 {
+		return fmt.Errorf("underlay %s has MTU %d: too small for a WireGuard tunnel", iface, underlayMTU)
+	}
+	exe := a.opts.WireGuard.Executable
+	if exe == "" {
+		if exe, err = os.Executable(); err != nil {
+			return fmt.Errorf("find own executable: %w", err)
+		}
+	}
+	a.dev, err = wireguard.Ensure(ctx, wireguard.EnsureOptions{
+		Name:    a.opts.WireGuard.Iface,
+		MTU:     a.mtu,
+		Backend: a.opts.WireGuard.Backend,
+		Netlink: h,
+		DeviceCommand: []string{exe, "wireguard-device",
+			"--iface", a.opts.WireGuard.Iface, "--mtu", strconv.Itoa(a.mtu)},
+		LogPath: filepath.Join(a.opts.StateDir, "wireguard-device.log"),
+		Logger:  a.log,
+	})
+	if err != nil {
+		return fmt.Errorf("set up WireGuard device %s: %w", a.opts.WireGuard.Iface, err)
+	}
+	defer a.dev.Close()
+	a.log.Info("WireGuard device ready", logIface, a.dev.Name(), "backend", a.dev.Backend(), "mtu", a.mtu, "underlay", iface, "underlayMTU", underlayMTU)
+
+	if err := a.startCache(ctx); err != nil {
+		return err
+	}
+	return a.loop(ctx)
+}
+
+// waitForNode reads this node's Kubernetes Node, retrying until it exists or ctx ends.
+func (a *Agent) waitForNode(ctx context.Context) (*corev1.Node, error) {
+	backoff := 200 * time.Millisecond
+	for {
+		var node corev1.Node
+		err := a.client.Get(ctx, client.ObjectKey{Name: a.opts.NodeName}, &node)
+		if err == nil {
+			return &node, nil
+		}
+		a.log.Warn("waiting for Node", "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("get node %s: %w", a.opts.NodeName, err)
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+func (a *Agent) startCache(ctx context.Context) error {
+	c, err := cache.New(a.opts.RESTConfig, cache.Options{
+		Scheme: a.scheme,
+		ByObject: map[client.Object]cache.ByObject{
+			&corev1.Node{}: {Field: fields.OneTermEqualSelector("metadata.name", a.opts.NodeName)},
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("create informer cache: %w", err)
+	}
+	a.cache = c
+	handler := toolscache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { a.kick() },
+		UpdateFunc: func(any, any) { a.kick() },
+		DeleteFunc: func(any) { a.kick() },
+	}
+	for _, obj := range []client.Object{&v1alpha1.MeshNode{}, &v1alpha1.MeshConfig{}, &corev1.Node{}} {
+		inf, err := c.GetInformer(ctx, obj)
+		if err != nil {
+			return fmt.Errorf("informer for %T: %w", obj, err)
+		}
+		if _, err := inf.AddEventHandler(handler); err != nil {
+			return fmt.Errorf("watch %T: %w", obj, err)
+		}
+	}
+	go func() {
+		if err := c.Start(ctx); err != nil {
+			a.log.Error("informer cache stopped", "err", err)
+		}
+	}()
+	if !c.WaitForCacheSync(ctx) {
+		return fmt.Errorf("informer cache did not sync: %w", ctx.Err())
+	}
+	return nil
+}
+
+func (a *Agent) kick() {
+	select {
+	case a.trigger <- struct{}{}:
+	default:
+	}
+}
+
+// loop runs reconcile on every change, on the resync period, and after errors with backoff;
+// and refreshes status on the status period.
+func (a *Agent) loop(ctx context.Context) error {
+	resync := time.NewTicker(a.opts.ResyncPeriod)
+	defer resync.Stop()
+	status := time.NewTicker(a.opts.StatusPeriod)
+	defer status.Stop()
+	var retry <-chan time.Time
+	backoff := 200 * time.Millisecond
+	a.kick()
+	for {
+		select {
+		case <-ctx.Done():
+			a.log.Info("agent stopping; device, peers and routes stay in place")
+			return nil
+		case <-a.trigger:
+		case <-resync.C:
+		case <-retry:
+		case <-status.C:
+			if err := a.publishStatus(ctx); err != nil {
+				a.log.Warn("publish status", "err", err)
+			}
+			continue
+		}
+		err := a.reconcile(ctx)
+		a.lastErr = err
+		if perr := a.publishStatus(ctx); perr != nil {
+			a.log.Warn("publish status", "err", perr)
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			a.log.Error("reconcile failed", "err", err, "retryIn", backoff)
+			retry = time.After(backoff)
+			backoff = min(2*backoff, 30*time.Second)
+			continue
+		}
+		retry, backoff = nil, 200*time.Millisecond
+	}
+}
+
+// reconcile drives the device and routes to the desired state and publishes this node's
+// MeshNode spec.
+func (a *Agent) reconcile(ctx context.Context) error {
+	start := time.Now()
+	var node corev1.Node
+	if err := a.cache.Get(ctx, client.ObjectKey{Name: a.opts.NodeName}, &node); err != nil {
+		return fmt.Errorf("get node: %w", err)
+	}
+	local, err := localFromNode(&node, a.opts.UnderlayIPs)
+	if err != nil {
+		return err
+	}
+	if err := a.publishSpec(ctx, &node, local); err != nil {
+		return err
+	}
+
+	mode := v1alpha1.ModeDisabled
+	var mc v1alpha1.MeshConfig
+	switch err := a.cache.Get(ctx, client.ObjectKey{Name: v1alpha1.MeshConfigName}, &mc); {
+	case err == nil:
+		if mc.Spec.Encryption.Mode != "" {
+			mode = mc.Spec.Encryption.Mode
+		}
+	case apierrors.IsNotFound(err):
+	default:
+		return fmt.Errorf("get MeshConfig: %w", err)
+	}
+
+	var list v1alpha1.MeshNodeList
+	if err := a.cache.List(ctx, &list); err != nil {
+		return fmt.Errorf("list MeshNodes: %w", err)
+	}
+	peers, skips := peersFromMeshNodes(a.opts.NodeName, local, list.Items)
+	a.reportSkips(&list, skips)
+	a.skips = skips
+	a.nameByKey = make(map[wgtypes.Key]string, len(peers))
+	for _, p := range peers {
+		a.nameByKey[p.PublicKey] = p.Name
+	}
+
+	cfg := wireguard.Config{PrivateKey: a.key, ListenPort: a.opts.WireGuard.ListenPort}
+	route := datapath.RouteConfig{Device: a.dev.Name(), Table: a.opts.RouteTable, RulePriority: a.opts.RulePriority}
+	var wst wireguard.PlanStats
+	var rst datapath.RouteStats
+	switch mode {
+	case v1alpha1.ModeWireGuard:
+		// Peers before routes: a route never points at a device without its peer.
+		cfg.Peers = peers
+		route.Prefixes = routePrefixes(peers)
+		if wst, err = a.dev.Apply(ctx, cfg); err != nil {
+			return fmt.Errorf("configure WireGuard peers: %w", err)
+		}
+		if rst, err = a.routes.Apply(ctx, route); err != nil {
+			return fmt.Errorf("configure tunnel routes: %w", err)
+		}
+	default:
+		// Routes before peers: traffic leaves the tunnel for the underlay routes first.
+		if rst, err = a.routes.Apply(ctx, route); err != nil {
+			return fmt.Errorf("remove tunnel routes: %w", err)
+		}
+		if wst, err = a.dev.Apply(ctx, cfg); err != nil {
+			return fmt.Errorf("remove WireGuard peers: %w", err)
+		}
+		peers = nil
+	}
+	a.peers = peers
+	if a.applied != mode {
+		a.log.Info("encryption mode applied", "mode", mode, "peers", len(peers))
+		a.applied = mode
+	}
+	if wst != (wireguard.PlanStats{}) || rst != (datapath.RouteStats{}) {
+		a.log.Info("reconciled", "peers", fmt.Sprintf("%+v", wst), "routes", fmt.Sprintf("%+v", rst), "took", time.Since(start))
+	}
+	return nil
+}
+
+// publishSpec creates or updates this node's MeshNode so it announces the current key,
+// addresses and pod CIDRs. The MeshNode is owned by the Node, so it goes when the Node goes.
+func (a *Agent) publishSpec(ctx context.Context, node *corev1.Node, local localNode) error {
+	want := meshNodeSpec(local, a.key.PublicKey(), a.opts.WireGuard.ListenPort, a.bootID)
+	var mn v1alpha1.MeshNode
+	err := a.cache.Get(ctx, client.ObjectKey{Name: a.opts.NodeName}, &mn)
+	if apierrors.IsNotFound(err) {
+		mn = v1alpha1.MeshNode{
+			ObjectMeta: metav1.ObjectMeta{
+				Name: a.opts.NodeName,
+				OwnerReferences: []metav1.OwnerReference{{
+					APIVersion: "v1", Kind: "Node", Name: node.Name, UID: node.UID,
+				}},
+			},
+			Spec: want,
+		}
+		if err := a.client.Create(ctx, &mn); err != nil && !apierrors.IsAlreadyExists(err) {
+			return fmt.Errorf("create MeshNode: %w", err)
+		}
+		a.log.Info("MeshNode created", "fingerprint", wireguard.Fingerprint(a.key.PublicKey()))
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("get MeshNode: %w", err)
+	}
+	if equality.Semantic.DeepEqual(mn.Spec, want) {
+		return nil
+	}
+	patch := client.MergeFrom(mn.DeepCopy())
+	mn.Spec = want
+	if err := a.client.Patch(ctx, &mn, patch); err != nil {
+		return fmt.Errorf("update MeshNode: %w", err)
+	}
+	a.log.Info("MeshNode updated", "fingerprint", wireguard.Fingerprint(a.key.PublicKey()))
+	return nil
+}
+
+// reportSkips logs and records an Event for every refused MeshNode, once per change.
+func (a *Agent) reportSkips(list *v1alpha1.MeshNodeList, skips []skip) {
+	var b strings.Builder
+	for _, s := range skips {
+		fmt.Fprintf(&b, "%s: %s\n", s.Node, s.Reason)
+	}
+	if b.String() == a.lastSkips {
+		return
+	}
+	a.lastSkips = b.String()
+	byName := map[string]*v1alpha1.MeshNode{}
+	for i := range list.Items {
+		byName[list.Items[i].Name] = &list.Items[i]
+	}
+	for _, s := range skips {
+		if s.Pending {
+			a.log.Info("peer not ready", logPeer, s.Node, "reason", s.Reason)
+			continue
+		}
+		a.log.Warn("peer refused", logPeer, s.Node, "reason", s.Reason)
+		if mn := byName[s.Node]; mn != nil {
+			a.recorder.Eventf(mn, corev1.EventTypeWarning, "PeerRefused", "node %s refused this MeshNode: %s", a.opts.NodeName, s.Reason)
+		}
+	}
+}
+
+// publishStatus writes this node's MeshNode status when it changed.
+func (a *Agent) publishStatus(ctx context.Context) error {
+	var mn v1alpha1.MeshNode
+	if err := a.cache.Get(ctx, client.ObjectKey{Name: a.opts.NodeName}, &mn); err != nil {
+		return fmt.Errorf("get MeshNode: %w", err)
+	}
+	st := mn.Status.DeepCopy()
+	st.Mode = a.applied
+	st.Backend = v1alpha1.WireGuardBackend(a.dev.Backend())
+	st.TunnelMTU = int32(a.mtu)
+	st.Peers = nil
+	st.PeersReady = 0
+	if len(a.peers) > 0 {
+		dev, err := a.dev.Device(ctx)
+		if err != nil {
+			return fmt.Errorf("read WireGuard device: %w", err)
+		}
+		st.Peers = peerStatuses(dev, a.nameByKey)
+		want := map[string]wireguard.Peer{}
+		for _, p := range a.peers {
+			want[p.Name] = p
+		}
+		for _, ps := range st.Peers {
+			if p, ok := want[ps.Node]; ok && p.PublicKey.String() == ps.PublicKey {
+				st.PeersReady++
+			}
+		}
+	}
+	setConditions(st, a.applied, a.lastErr, len(a.peers), int(st.PeersReady), a.skips)
+	if equality.Semantic.DeepEqual(&mn.Status, st) {
+		return nil
+	}
+	patch := client.MergeFrom(mn.DeepCopy())
+	mn.Status = *st
+	if err := a.client.Status().Patch(ctx, &mn, patch); err != nil {
+		return fmt.Errorf("update MeshNode status: %w", err)
+	}
+	return nil
+}
+
+// setConditions sets Ready, Encrypted and Degraded on st.
+func setConditions(st *v1alpha1.MeshNodeStatus, mode v1alpha1.EncryptionMode, lastErr error, peers, ready int, skips []skip) {
+	cond := func(t string, ok bool, reason, msg string) {
+		s := metav1.ConditionFalse
+		if ok {
+			s = metav1.ConditionTrue
+		}
+		meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: t, Status: s, Reason: reason, Message: msg})
+	}
+	if lastErr != nil {
+		cond(v1alpha1.ConditionReady, false, "ReconcileFailed", lastErr.Error())
+	} else {
+		cond(v1alpha1.ConditionReady, true, "Reconciled", fmt.Sprintf("mode %s applied", mode))
+	}
+	switch {
+	case mode != v1alpha1.ModeWireGuard:
+		cond(v1alpha1.ConditionEncrypted, false, "EncryptionDisabled", "encryption mode is "+string(mode))
+	case lastErr != nil:
+		cond(v1alpha1.ConditionEncrypted, false, "ReconcileFailed", lastErr.Error())
+	case ready < peers:
+		cond(v1alpha1.ConditionEncrypted, false, "PeersPending", fmt.Sprintf("%d of %d peers configured", ready, peers))
+	default:
+		cond(v1alpha1.ConditionEncrypted, true, "AllPeersConfigured", fmt.Sprintf("%d peers configured", peers))
+	}
+	var refused []string
+	for _, s := range skips {
+		if !s.Pending {
+			refused = append(refused, s.Node+": "+s.Reason)
+		}
+	}
+	if len(refused) > 0 {
+		cond(v1alpha1.ConditionDegraded, true, "PeersRefused", strings.Join(refused, "; "))
+	} else {
+		cond(v1alpha1.ConditionDegraded, false, "AsExpected", "no peer refused")
+	}
+}
+
+// underlayLinkMTU finds the interface holding one of the underlay addresses and returns its
+// MTU and name.
+func underlayLinkMTU(h *netlink.Handle, underlay []netip.Addr) (int, string, error) {
+	addrs, err := h.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return 0, "", fmt.Errorf("list addresses: %w", err)
+	}
+	for _, want := range underlay {
+		for _, ad := range addrs {
+			ip, ok := netip.AddrFromSlice(ad.IP)
+			if !ok || ip.Unmap() != want {
+				continue
+			}
+			l, err := h.LinkByIndex(ad.LinkIndex)
+			if err != nil {
+				return 0, "", fmt.Errorf("link of underlay address %s: %w", want, err)
+			}
+			return l.Attrs().MTU, l.Attrs().Name, nil
+		}
+	}
+	return 0, "", fmt.Errorf("no interface holds an underlay address %v", underlay)
+}

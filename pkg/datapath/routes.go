@@ -1,0 +1,239 @@
+package datapath
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultTable is the routing table meshcrypt installs its tunnel routes into.
+const DefaultTable = 0x6d63 // "mc"
+
+// DefaultRulePriority is the priority of the rule that looks up DefaultTable: after the local
+// table (0) and before main (32766), so tunnel routes win over the underlay routes.
+const DefaultRulePriority = 1000
+
+// routeProtocol marks the routes meshcrypt installs (RTPROT values above 4 are free for
+// routing daemons; 0x6d is unassigned).
+const routeProtocol netlink.RouteProtocol = 0x6d
+
+// RouteConfig is the desired tunnel routing state of a node.
+type RouteConfig struct {
+	// Device is the tunnel device the routes point at.
+	Device string
+	// Prefixes are the destinations routed through Device. Empty removes every route and rule.
+	Prefixes []netip.Prefix
+	// Table and RulePriority default to DefaultTable and DefaultRulePriority.
+	Table, RulePriority int
+}
+
+// RouteStats counts what one Apply changed.
+type RouteStats struct {
+	Added, Removed, RulesAdded, RulesRemoved int
+}
+
+// Routes applies RouteConfig to the kernel of one network namespace.
+type Routes struct {
+	h *netlink.Handle
+}
+
+// NewRoutes returns a Routes working through h (a handle bound to the node's namespace).
+func NewRoutes(h *netlink.Handle) *Routes { return &Routes{h: h} }
+
+// Apply makes the table hold exactly the routes of cfg and installs (or, with no prefixes,
+// removes) the policy rules for both address families. It is idempotent and touches only
+// what differs: a change to one prefix is one route operation. Not safe for concurrent use.
+func (r *Routes) Apply(ctx context.Context, cfg RouteConfig) (RouteStats, error) {
+	var st RouteStats
+	if cfg.Table == 0 {
+		cfg.Table = DefaultTable
+	}
+	if cfg.RulePriority == 0 {
+		cfg.RulePriority = DefaultRulePriority
+	}
+	want := map[netip.Prefix]bool{}
+	for _, p := range cfg.Prefixes {
+		want[p.Masked()] = true
+	}
+	var link netlink.Link
+	if len(want) > 0 {
+		l, err := r.h.LinkByName(cfg.Device)
+		if err != nil {
+			return st, fmt.Errorf("find tunnel device %s: %w", cfg.Device, err)
+		}
+		link = l
+	}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		if err := ctx.Err(); err != nil {
+			return st, err
+		}
+		have, err := r.list(family, cfg.Table)
+		if err != nil {
+			return st, err
+		}
+		familyWanted := false
+		for p := range want {
+			if familyOf(p) == family {
+				familyWanted = true
+				break
+			}
+		}
+		// Add before removing so a device change never leaves a prefix unrouted.
+		for p := range want {
+			if familyOf(p) != family {
+				continue
+			}
+			if cur, ok := have[p]; ok && link != nil && cur.LinkIndex == link.Attrs().Index {
+				continue
+			}
+			rt := r.route(p, cfg.Table, link.Attrs().Index)
+			if err := r.h.RouteReplace(rt); err != nil {
+				return st, fmt.Errorf("route %s via %s: %w", p, cfg.Device, err)
+			}
+			st.Added++
+		}
+		for p, cur := range have {
+			if want[p] {
+				continue
+			}
+			if err := r.h.RouteDel(&cur); err != nil && !errors.Is(err, unix.ESRCH) {
+				return st, fmt.Errorf("delete route %s: %w", p, err)
+			}
+			st.Removed++
+		}
+		added, removed, err := r.applyRule(family, cfg.Table, cfg.RulePriority, familyWanted)
+		st.RulesAdded += added
+		st.RulesRemoved += removed
+		if err != nil {
+			return st, err
+		}
+	}
+	return st, nil
+}
+
+// Prefixes returns the destinations currently routed in table (both families), sorted.
+func (r *Routes) Prefixes(table int) ([]netip.Prefix, error) {
+	if table == 0 {
+		table = DefaultTable
+	}
+	var out []netip.Prefix
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		have, err := r.list(family, table)
+		if err != nil {
+			return nil, err
+		}
+		for p := range have {
+			out = append(out, p)
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	return out, nil
+}
+
+func (r *Routes) route(p netip.Prefix, table, linkIndex int) *netlink.Route {
+	return &netlink.Route{
+		LinkIndex: linkIndex,
+		Dst:       prefixToIPNet(p),
+		Table:     table,
+		Scope:     netlink.SCOPE_LINK,
+		Protocol:  routeProtocol,
+	}
+}
+
+// list returns the routes of one family in table, retrying interrupted dumps.
+func (r *Routes) list(family, table int) (map[netip.Prefix]netlink.Route, error) {
+	var routes []netlink.Route
+	err := retryDump(func() error {
+		var err error
+		routes, err = r.h.RouteListFiltered(family, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list routes in table %d: %w", table, err)
+	}
+	out := make(map[netip.Prefix]netlink.Route, len(routes))
+	for _, rt := range routes {
+		if rt.Dst == nil {
+			continue
+		}
+		if p, ok := ipNetToPrefix(rt.Dst); ok {
+			out[p] = rt
+		}
+	}
+	return out, nil
+}
+
+func (r *Routes) applyRule(family, table, priority int, want bool) (added, removed int, err error) {
+	var rules []netlink.Rule
+	err = retryDump(func() error {
+		var err error
+		rules, err = r.h.RuleListFiltered(family, &netlink.Rule{Table: table}, netlink.RT_FILTER_TABLE)
+		return err
+	})
+	if err != nil {
+		return 0, 0, fmt.Errorf("list rules for table %d: %w", table, err)
+	}
+	found := false
+	for _, rl := range rules {
+		if want && rl.Priority == priority && !found {
+			found = true
+			continue
+		}
+		rl := rl
+		rl.Family = family
+		if err := r.h.RuleDel(&rl); err != nil && !errors.Is(err, unix.ENOENT) {
+			return added, removed, fmt.Errorf("delete rule for table %d: %w", table, err)
+		}
+		removed++
+	}
+	if want && !found {
+		rl := netlink.NewRule()
+		rl.Family = family
+		rl.Table = table
+		rl.Priority = priority
+		if err := r.h.RuleAdd(rl); err != nil {
+			return added, removed, fmt.Errorf("add rule for table %d: %w", table, err)
+		}
+		added++
+	}
+	return added, removed, nil
+}
+
+// retryDump runs a netlink dump again when the kernel reports it was interrupted: a partial
+// dump is never trusted.
+func retryDump(dump func() error) error {
+	var err error
+	for range 10 {
+		err = dump()
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return err
+		}
+	}
+	return err
+}
+
+func familyOf(p netip.Prefix) int {
+	if p.Addr().Is4() {
+		return netlink.FAMILY_V4
+	}
+	return netlink.FAMILY_V6
+}
+
+func prefixToIPNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+func ipNetToPrefix(n *net.IPNet) (netip.Prefix, bool) {
+	addr, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(addr.Unmap(), ones).Masked(), true
+}

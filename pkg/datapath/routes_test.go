@@ -1,0 +1,92 @@
+package datapath
+
+import (
+	"context"
+	"net/netip"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+	"github.com/meshcrypt/meshcrypt/internal/testutil"
+	"github.com/vishvananda/netlink"
+)
+
+func TestRoutesApply(t *testing.T) {
+	_, h := testutil.NewNetNS(t)
+	for _, name := range []string{"tun0", "tun1"} {
+		// No dummy driver on every kernel (CONFIG_DUMMY); a veth end serves as a device.
+		if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}); err != nil {
+			t.Fatal(err)
+		}
+		l, _ := h.LinkByName(name)
+		if err := h.LinkSetUp(l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx := context.Background()
+	r := NewRoutes(h)
+	p := netip.MustParsePrefix
+	a, b, c := p("10.244.2.0/24"), p("10.244.3.0/24"), p("fd44:0:0:2::/64")
+
+	steps := []struct {
+		name      string
+		cfg       RouteConfig
+		wantStats RouteStats
+		want      []netip.Prefix
+		wantRules int
+	}{
+		{"install", RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{a, b, c}}, RouteStats{Added: 3, RulesAdded: 2}, []netip.Prefix{a, b, c}, 2},
+		{"idempotent", RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{c, b, a}}, RouteStats{}, []netip.Prefix{a, b, c}, 2},
+		{"one change is one operation", RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{a, c}}, RouteStats{Removed: 1}, []netip.Prefix{a, c}, 2},
+		{"v6 gone drops its rule", RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{a}}, RouteStats{Removed: 1, RulesRemoved: 1}, []netip.Prefix{a}, 1},
+		{"device change moves the route", RouteConfig{Device: "tun1", Prefixes: []netip.Prefix{a}}, RouteStats{Added: 1}, []netip.Prefix{a}, 1},
+		{"empty removes everything", RouteConfig{Device: "tun1"}, RouteStats{Removed: 1, RulesRemoved: 1}, nil, 0},
+	}
+	for _, st := range steps {
+		got, err := r.Apply(ctx, st.cfg)
+		if err != nil {
+			t.Fatalf("%s: %v", st.name, err)
+		}
+		if d := cmp.Diff(st.wantStats, got); d != "" {
+			t.Errorf("%s: stats (-want +got):\n%s", st.name, d)
+		}
+		have, err := r.Prefixes(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := cmp.Diff(st.want, have, cmpopts.EquateComparable(netip.Prefix{})); d != "" {
+			t.Errorf("%s: routes (-want +got):\n%s", st.name, d)
+		}
+		rules := 0
+		for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+			rl, err := h.RuleListFiltered(fam, &netlink.Rule{Table: DefaultTable}, netlink.RT_FILTER_TABLE)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rules += len(rl)
+		}
+		if rules != st.wantRules {
+			t.Errorf("%s: %d rules, want %d", st.name, rules, st.wantRules)
+		}
+	}
+	// The route really points at the device the last config named.
+	if _, err := r.Apply(ctx, RouteConfig{Device: "tun1", Prefixes: []netip.Prefix{b}}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := h.RouteGet(netip.MustParseAddr("10.244.3.7").AsSlice())
+	if err != nil {
+		t.Fatal(err)
+	}
+	l1, _ := h.LinkByName("tun1")
+	if len(got) != 1 || got[0].LinkIndex != l1.Attrs().Index {
+		t.Errorf("route lookup for 10.244.3.7 = %+v, want via tun1 (index %d)", got, l1.Attrs().Index)
+	}
+}
+
+func TestApplyMissingDevice(t *testing.T) {
+	_, h := testutil.NewNetNS(t)
+	_, err := NewRoutes(h).Apply(context.Background(), RouteConfig{Device: "nope0", Prefixes: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}})
+	if err == nil {
+		t.Fatal("Apply with a missing device succeeded")
+	}
+}

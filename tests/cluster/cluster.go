@@ -1,0 +1,643 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	goruntime "runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/util/wait"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
+	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
+	"github.com/meshcrypt/meshcrypt/tests/controlplane"
+	"github.com/meshcrypt/meshcrypt/tests/netenv"
+)
+
+// apiPortInNode is where each node namespace reaches the API server (forwarded to the host's
+// loopback), as a node reaches a control-plane endpoint.
+const apiPortInNode = 6443
+
+// Options configure a Cluster.
+type Options struct {
+	// Dir holds agent state, kubeconfigs and logs; "" makes a temporary directory.
+	Dir string
+	// BinDir holds meshcrypt-agent and meshcrypt; "" means $MESHCRYPT_BIN_DIR, else they are
+	// built into Dir.
+	BinDir string
+	// Backend is the agents' --wireguard-backend; "" means auto.
+	Backend string
+	// UnderlayMTU is the underlay's MTU; 0 means 1500. Pods get the tunnel MTU the agent
+	// computes for it, as a CNI configured for meshcrypt would set.
+	UnderlayMTU int
+	// IPv4Only leaves IPv6 off; by default nodes and pods are dual stack.
+	IPv4Only bool
+	// AgentArgs are appended to every agent's command line.
+	AgentArgs []string
+	// Logger receives harness progress; nil discards it.
+	Logger *slog.Logger
+}
+
+// Cluster is a running test cluster.
+type Cluster struct {
+	opts   Options
+	log    *slog.Logger
+	dir    string
+	tmpDir bool
+	bins   string
+
+	CP     *controlplane.ControlPlane
+	Net    *netenv.Topology
+	Client client.Client
+
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu    sync.Mutex
+	nodes map[string]*Node
+	index int
+}
+
+// Node is one node: its namespace, Kubernetes Node and agent.
+type Node struct {
+	*netenv.Node
+	c          *Cluster
+	Iface      string
+	StateDir   string
+	Kubeconfig string
+	LogPath    string
+
+	agentMu sync.Mutex
+	agent   *exec.Cmd
+	done    chan struct{}
+	exitErr error
+}
+
+// Start starts the control plane, installs the CRDs, creates the underlay, and returns an
+// empty cluster (no MeshConfig: mode Disabled). On error everything started is stopped.
+func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if opts.UnderlayMTU == 0 {
+		opts.UnderlayMTU = 1500
+	}
+	c = &Cluster{opts: opts, log: log, nodes: map[string]*Node{}}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	defer func() {
+		if err != nil {
+			c.Close()
+		}
+	}()
+	c.dir = opts.Dir
+	if c.dir == "" {
+		if c.dir, err = os.MkdirTemp("", "meshcrypt-cluster-"); err != nil {
+			return nil, err
+		}
+		c.tmpDir = true
+	}
+	if c.bins, err = binaries(ctx, opts.BinDir, c.dir); err != nil {
+		return nil, err
+	}
+	if _, err := netenv.CleanupStale(ctx, log); err != nil {
+		log.Warn("clean up stale namespaces", "err", err)
+	}
+	if err := controlplane.CleanupStale(""); err != nil {
+		log.Warn("clean up stale control planes", "err", err)
+	}
+	if c.CP, err = controlplane.Start(ctx, controlplane.Options{Logger: log}); err != nil {
+		return nil, err
+	}
+	root, err := moduleRoot()
+	if err != nil {
+		return nil, err
+	}
+	if err := c.CP.ApplyCRDs(ctx, filepath.Join(root, "manifests", "crds")); err != nil {
+		return nil, err
+	}
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return nil, err
+	}
+	if err := v1alpha1.AddToScheme(scheme); err != nil {
+		return nil, err
+	}
+	if c.Client, err = client.New(c.CP.RESTConfig(), client.Options{Scheme: scheme}); err != nil {
+		return nil, err
+	}
+	if c.Net, err = netenv.New(ctx, netenv.Options{
+		IPv4Only:    opts.IPv4Only,
+		UnderlayMTU: opts.UnderlayMTU,
+		PodMTU:      c.PodMTU(),
+		Logger:      log,
+	}); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// StartT starts a cluster for a test: it fails the test on error, stops everything when the
+// test ends, and on failure prints the tail of every agent's log.
+func StartT(t testing.TB, opts Options) *Cluster {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: network namespaces and WireGuard devices")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c, err := Start(ctx, opts)
+	if err != nil {
+		t.Fatalf("start cluster: %v", err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			c.DumpLogs(testWriter{t}, 40)
+		}
+		if err := c.Close(); err != nil {
+			t.Errorf("close cluster: %v", err)
+		}
+	})
+	return c
+}
+
+// PodMTU is the MTU pods get: the agent's tunnel MTU for the underlay.
+func (c *Cluster) PodMTU() int { return wireguard.TunnelMTU(c.opts.UnderlayMTU) }
+
+// Bin returns the path of one of the project's binaries.
+func (c *Cluster) Bin(name string) string { return filepath.Join(c.bins, name) }
+
+// Kubeconfig writes (once) and returns an admin kubeconfig for tools on the host.
+func (c *Cluster) Kubeconfig() (string, error) {
+	p := filepath.Join(c.dir, "admin.kubeconfig")
+	if _, err := os.Stat(p); err == nil {
+		return p, nil
+	}
+	return p, c.CP.WriteKubeconfig(p, "", c.CP.AdminToken())
+}
+
+// Nodes returns the nodes sorted by name.
+func (c *Cluster) Nodes() []*Node {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]*Node, 0, len(c.nodes))
+	for _, n := range c.nodes {
+		out = append(out, n)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Node returns the named node or nil.
+func (c *Cluster) Node(name string) *Node {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.nodes[name]
+}
+
+// AddNode creates a node namespace, its Kubernetes Node (pod CIDRs, InternalIPs), and starts
+// its agent.
+func (c *Cluster) AddNode(ctx context.Context, name string) (*Node, error) {
+	nn, err := c.Net.AddNode(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	c.index++
+	idx := c.index
+	c.mu.Unlock()
+	n := &Node{
+		Node:     nn,
+		c:        c,
+		Iface:    trim15(fmt.Sprintf("%sw%d", c.Net.Prefix(), idx)),
+		StateDir: filepath.Join(c.dir, name, "state"),
+		LogPath:  filepath.Join(c.dir, name, "agent.log"),
+	}
+	if err := os.MkdirAll(filepath.Join(c.dir, name), 0o700); err != nil {
+		return nil, err
+	}
+	if err := c.createNodeObject(ctx, nn); err != nil {
+		return nil, err
+	}
+	// The agent reaches the API server at 127.0.0.1:6443 inside its namespace.
+	target := strings.TrimPrefix(c.CP.URL(), "https://")
+	if _, err := nn.NS.ForwardTCP(c.ctx, net.JoinHostPort("127.0.0.1", strconv.Itoa(apiPortInNode)), target); err != nil {
+		return nil, fmt.Errorf("forward API server into %s: %w", name, err)
+	}
+	n.Kubeconfig = filepath.Join(c.dir, name, "kubeconfig")
+	if err := c.CP.WriteKubeconfig(n.Kubeconfig, fmt.Sprintf("https://127.0.0.1:%d", apiPortInNode), c.CP.AdminToken()); err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	c.nodes[name] = n
+	c.mu.Unlock()
+	if err := n.StartAgent(); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+func (c *Cluster) createNodeObject(ctx context.Context, nn *netenv.Node) error {
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: nn.Name, Labels: map[string]string{"kubernetes.io/hostname": nn.Name}}}
+	for _, p := range nn.PodCIDRs {
+		node.Spec.PodCIDRs = append(node.Spec.PodCIDRs, p.String())
+	}
+	if len(node.Spec.PodCIDRs) > 0 {
+		node.Spec.PodCIDR = node.Spec.PodCIDRs[0]
+	}
+	if err := c.Client.Create(ctx, node); err != nil {
+		return fmt.Errorf("create Node %s: %w", nn.Name, err)
+	}
+	node.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeHostName, Address: nn.Name}}
+	for _, ip := range []string{addrString(nn.UnderlayV4), addrString(nn.UnderlayV6)} {
+		if ip != "" {
+			node.Status.Addresses = append(node.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: ip})
+		}
+	}
+	node.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady", LastHeartbeatTime: metav1.Now(), LastTransitionTime: metav1.Now()}}
+	if err := c.Client.Status().Update(ctx, node); err != nil {
+		return fmt.Errorf("set Node %s status: %w", nn.Name, err)
+	}
+	return nil
+}
+
+// AddPod creates a pod namespace on n and its Pod object with the pod's IPs.
+func (c *Cluster) AddPod(ctx context.Context, n *Node, name string) (*netenv.Pod, error) {
+	p, err := c.Net.AddPod(ctx, n.Node, name)
+	if err != nil {
+		return nil, err
+	}
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default", Labels: map[string]string{"app": name}},
+		Spec: corev1.PodSpec{
+			NodeName:   n.Name,
+			Containers: []corev1.Container{{Name: "app", Image: "meshcrypt.invalid/netns:none"}},
+		},
+	}
+	if err := c.Client.Create(ctx, pod); err != nil {
+		return nil, fmt.Errorf("create Pod %s: %w", name, err)
+	}
+	pod.Status.Phase = corev1.PodRunning
+	for _, ip := range []string{addrString(p.IPv4), addrString(p.IPv6)} {
+		if ip != "" {
+			pod.Status.PodIPs = append(pod.Status.PodIPs, corev1.PodIP{IP: ip})
+		}
+	}
+	if len(pod.Status.PodIPs) > 0 {
+		pod.Status.PodIP = pod.Status.PodIPs[0].IP
+	}
+	pod.Status.HostIP = addrString(n.UnderlayV4)
+	if err := c.Client.Status().Update(ctx, pod); err != nil {
+		return nil, fmt.Errorf("set Pod %s status: %w", name, err)
+	}
+	return p, nil
+}
+
+// RemoveNode stops the node's agent and WireGuard device, deletes its Node and MeshNode (as
+// the garbage collector would, through the MeshNode's owner reference) and its namespaces.
+func (c *Cluster) RemoveNode(ctx context.Context, name string) error {
+	n := c.Node(name)
+	if n == nil {
+		return fmt.Errorf("no node %s", name)
+	}
+	if err := n.StopAgent(); err != nil {
+		return err
+	}
+	var errs []error
+	for _, obj := range []client.Object{
+		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}},
+		&v1alpha1.MeshNode{ObjectMeta: metav1.ObjectMeta{Name: name}},
+	} {
+		if err := c.Client.Delete(ctx, obj); err != nil && !apierrors.IsNotFound(err) {
+			errs = append(errs, err)
+		}
+	}
+	var pods corev1.PodList
+	if err := c.Client.List(ctx, &pods, client.InNamespace("default")); err == nil {
+		for i := range pods.Items {
+			if pods.Items[i].Spec.NodeName == name {
+				_ = c.Client.Delete(ctx, &pods.Items[i])
+			}
+		}
+	}
+	errs = append(errs, c.Net.RemoveNode(ctx, name)) // kills the device process inside
+	c.mu.Lock()
+	delete(c.nodes, name)
+	c.mu.Unlock()
+	return errors.Join(errs...)
+}
+
+// SetMode creates or updates the MeshConfig with the encryption mode.
+func (c *Cluster) SetMode(ctx context.Context, mode v1alpha1.EncryptionMode) error {
+	var mc v1alpha1.MeshConfig
+	err := c.Client.Get(ctx, client.ObjectKey{Name: v1alpha1.MeshConfigName}, &mc)
+	switch {
+	case apierrors.IsNotFound(err):
+		mc = v1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: v1alpha1.MeshConfigName}}
+		mc.Spec.Encryption.Mode = mode
+		return c.Client.Create(ctx, &mc)
+	case err != nil:
+		return err
+	}
+	mc.Spec.Encryption.Mode = mode
+	return c.Client.Update(ctx, &mc)
+}
+
+// MeshNodes lists the MeshNodes.
+func (c *Cluster) MeshNodes(ctx context.Context) ([]v1alpha1.MeshNode, error) {
+	var l v1alpha1.MeshNodeList
+	if err := c.Client.List(ctx, &l); err != nil {
+		return nil, err
+	}
+	return l.Items, nil
+}
+
+// WaitConverged polls until every node's MeshNode reports mode applied and, for WireGuard,
+// every other node configured with its current key (both directions). It returns how long
+// that took.
+func (c *Cluster) WaitConverged(ctx context.Context, mode v1alpha1.EncryptionMode, timeout time.Duration) (time.Duration, error) {
+	start := time.Now()
+	var last string
+	err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, timeout, true, func(ctx context.Context) (bool, error) {
+		mns, err := c.MeshNodes(ctx)
+		if err != nil {
+			last = err.Error()
+			return false, nil
+		}
+		last = converged(c.Nodes(), mns, mode)
+		return last == "", nil
+	})
+	if err != nil {
+		return time.Since(start), fmt.Errorf("cluster did not converge to %s in %s: %s", mode, timeout, last)
+	}
+	return time.Since(start), nil
+}
+
+// converged says what is missing for the nodes to have converged to mode, "" if nothing.
+func converged(nodes []*Node, mns []v1alpha1.MeshNode, mode v1alpha1.EncryptionMode) string {
+	byName := map[string]*v1alpha1.MeshNode{}
+	for i := range mns {
+		byName[mns[i].Name] = &mns[i]
+	}
+	for _, n := range nodes {
+		mn := byName[n.Name]
+		if mn == nil || mn.Spec.WireGuard == nil {
+			return n.Name + " has not published its MeshNode"
+		}
+		if mn.Status.Mode != mode {
+			return fmt.Sprintf("%s is in mode %q", n.Name, mn.Status.Mode)
+		}
+		if mode != v1alpha1.ModeWireGuard {
+			if len(mn.Status.Peers) != 0 {
+				return fmt.Sprintf("%s still has %d peers", n.Name, len(mn.Status.Peers))
+			}
+			continue
+		}
+		peers := map[string]string{}
+		for _, p := range mn.Status.Peers {
+			peers[p.Node] = p.PublicKey
+		}
+		for _, o := range nodes {
+			if o == n {
+				continue
+			}
+			om := byName[o.Name]
+			if om == nil || om.Spec.WireGuard == nil {
+				return o.Name + " has not published its MeshNode"
+			}
+			if peers[o.Name] != om.Spec.WireGuard.PublicKey {
+				return fmt.Sprintf("%s has not configured %s's key", n.Name, o.Name)
+			}
+		}
+		if len(peers) != len(nodes)-1 {
+			return fmt.Sprintf("%s has %d peers, want %d", n.Name, len(peers), len(nodes)-1)
+		}
+	}
+	return ""
+}
+
+// StartAgent starts the node's agent process inside the node's namespace.
+func (n *Node) StartAgent() error {
+	n.agentMu.Lock()
+	defer n.agentMu.Unlock()
+	if n.agent != nil {
+		return fmt.Errorf("agent of %s already running", n.Name)
+	}
+	logf, err := os.OpenFile(n.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	args := append([]string{
+		"--kubeconfig", n.Kubeconfig,
+		"--node-name", n.Name,
+		"--state-dir", n.StateDir,
+		"--wireguard-iface", n.Iface,
+		"--status-period", "1s",
+	}, n.c.opts.AgentArgs...)
+	if n.c.opts.Backend != "" {
+		args = append(args, "--wireguard-backend", n.c.opts.Backend)
+	}
+	cmd := n.NS.Command(context.Background(), n.c.Bin("meshcrypt-agent"), args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// Its own process group, so a terminal's Ctrl-C reaches the harness, which stops agents
+	// in order; Close (through netenv) kills whatever is left inside the namespaces.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return fmt.Errorf("start agent of %s: %w", n.Name, err)
+	}
+	n.agent = cmd
+	n.done = make(chan struct{})
+	go func(done chan struct{}) {
+		err := cmd.Wait()
+		logf.Close()
+		n.agentMu.Lock()
+		n.exitErr = err
+		n.agentMu.Unlock()
+		close(done)
+	}(n.done)
+	return nil
+}
+
+// StopAgent stops the agent with SIGTERM (SIGKILL after 10 s) and waits for it. The WireGuard
+// device, peers and routes stay, as they do when a real agent restarts.
+func (n *Node) StopAgent() error { return n.stop(false) }
+
+// KillAgent kills the agent with SIGKILL and waits for it.
+func (n *Node) KillAgent() error { return n.stop(true) }
+
+func (n *Node) stop(kill bool) error {
+	n.agentMu.Lock()
+	cmd, done := n.agent, n.done
+	n.agentMu.Unlock()
+	if cmd == nil {
+		return nil
+	}
+	sig := syscall.SIGTERM
+	if kill {
+		sig = syscall.SIGKILL
+	}
+	_ = cmd.Process.Signal(sig)
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
+	}
+	n.agentMu.Lock()
+	n.agent = nil
+	n.agentMu.Unlock()
+	return nil
+}
+
+// RestartAgent stops and starts the agent.
+func (n *Node) RestartAgent() error {
+	if err := n.StopAgent(); err != nil {
+		return err
+	}
+	return n.StartAgent()
+}
+
+// AgentExited returns a channel closed when the running agent exits, and its error.
+func (n *Node) AgentExited() (<-chan struct{}, func() error) {
+	n.agentMu.Lock()
+	defer n.agentMu.Unlock()
+	return n.done, func() error {
+		n.agentMu.Lock()
+		defer n.agentMu.Unlock()
+		return n.exitErr
+	}
+}
+
+// Run runs one of the project's CLIs on the host against the cluster with the admin
+// kubeconfig and returns its combined output.
+func (c *Cluster) Run(ctx context.Context, bin string, args ...string) (string, error) {
+	kc, err := c.Kubeconfig()
+	if err != nil {
+		return "", err
+	}
+	cmd := exec.CommandContext(ctx, c.Bin(bin), append([]string{"--kubeconfig", kc}, args...)...)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// DumpLogs writes the last lines of every agent's log to w.
+func (c *Cluster) DumpLogs(w io.Writer, lines int) {
+	for _, n := range c.Nodes() {
+		b, _ := os.ReadFile(n.LogPath)
+		ls := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+		if len(ls) > lines {
+			ls = ls[len(ls)-lines:]
+		}
+		fmt.Fprintf(w, "---- agent %s (%s) ----\n%s\n", n.Name, n.LogPath, strings.Join(ls, "\n"))
+	}
+}
+
+// Close stops every agent and device, deletes every namespace, stops the control plane and
+// removes the temporary directory. It is idempotent.
+func (c *Cluster) Close() error {
+	var errs []error
+	for _, n := range c.Nodes() {
+		errs = append(errs, n.StopAgent())
+	}
+	if c.cancel != nil {
+		c.cancel()
+	}
+	if c.Net != nil {
+		errs = append(errs, c.Net.Close())
+	}
+	if c.CP != nil {
+		errs = append(errs, c.CP.Stop())
+	}
+	if c.tmpDir {
+		errs = append(errs, os.RemoveAll(c.dir))
+	}
+	return errors.Join(errs...)
+}
+
+// binaries returns the directory holding meshcrypt-agent and meshcrypt, building them when
+// no directory is given.
+func binaries(ctx context.Context, binDir, workDir string) (string, error) {
+	if binDir == "" {
+		binDir = os.Getenv("MESHCRYPT_BIN_DIR")
+	}
+	if binDir != "" {
+		for _, b := range []string{"meshcrypt-agent", "meshcrypt"} {
+			if _, err := os.Stat(filepath.Join(binDir, b)); err != nil {
+				return "", fmt.Errorf("binary %s: %w (run make build)", b, err)
+			}
+		}
+		return filepath.Abs(binDir)
+	}
+	root, err := moduleRoot()
+	if err != nil {
+		return "", err
+	}
+	out := filepath.Join(workDir, "bin")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", out+"/", "./cmd/meshcrypt-agent", "./cmd/meshcrypt")
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build binaries: %w\n%s", err, b)
+	}
+	return out, nil
+}
+
+// moduleRoot finds the repository root from this source file's location.
+func moduleRoot() (string, error) {
+	_, file, _, ok := goruntime.Caller(0)
+	if !ok {
+		return "", errors.New("cannot locate the harness source")
+	}
+	dir := filepath.Dir(file)
+	for d := dir; d != "/"; d = filepath.Dir(d) {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			return d, nil
+		}
+	}
+	return "", fmt.Errorf("no go.mod above %s", dir)
+}
+
+func addrString(a netip.Addr) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
+}
+
+func trim15(s string) string {
+	if len(s) > 15 {
+		return s[:15]
+	}
+	return s
+}
+
+type testWriter struct{ t testing.TB }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(b), "\n"))
+	return len(b), nil
+}
