@@ -117,7 +117,7 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 		}
 		c.tmpDir = true
 	}
-	if c.bins, err = binaries(ctx, opts.BinDir, c.dir); err != nil {
+	if c.bins, err = Binaries(ctx, opts.BinDir, c.dir); err != nil {
 		return nil, err
 	}
 	if _, err := netenv.CleanupStale(ctx, log); err != nil {
@@ -578,9 +578,9 @@ func (c *Cluster) Close() error {
 	return errors.Join(errs...)
 }
 
-// binaries returns the directory holding meshcrypt-agent and meshcrypt, building them when
-// no directory is given.
-func binaries(ctx context.Context, binDir, workDir string) (string, error) {
+// Binaries returns the directory holding meshcrypt-agent and meshcrypt: binDir, else
+// $MESHCRYPT_BIN_DIR, else a fresh build into workDir/bin.
+func Binaries(ctx context.Context, binDir, workDir string) (string, error) {
 	if binDir == "" {
 		binDir = os.Getenv("MESHCRYPT_BIN_DIR")
 	}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what `make test` and `make demo` need on a fresh Debian machine: Debian packages
+# (only the missing ones; apt-get update once when something is missing) and kube-apiserver,
+# built from the Go module proxy and cached outside the repository (hack/kube-apiserver.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# binary -> Debian package
+declare -A need=(
+  [etcd]=etcd-server
+  [ip]=iproute2
+  [iperf3]=iperf3
+)
+missing=()
+for bin in "${!need[@]}"; do
+  command -v "$bin" >/dev/null 2>&1 || missing+=("${need[$bin]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "deps: missing ${missing[*]}; run as root (or: sudo apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+  echo "deps: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# A packaged etcd starts a system service on install on some images; the harness runs its own.
+hack/kube-apiserver.sh >/dev/null
+echo "deps: ok (kube-apiserver $(hack/kube-apiserver.sh))" >&2
