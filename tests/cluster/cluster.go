@@ -21,6 +21,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -32,6 +33,14 @@ import (
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
 	"github.com/meshcrypt/meshcrypt/tests/controlplane"
 	"github.com/meshcrypt/meshcrypt/tests/netenv"
+)
+
+// agentUsers is how many agent identities the API server knows (static tokens); each node's
+// agent gets its own, in group agentGroup, which is bound to the agent's ClusterRole from
+// manifests/rbac, so every e2e run proves that role suffices.
+const (
+	agentUsers = 64
+	agentGroup = "meshcrypt:agents"
 )
 
 // apiPortInNode is where each node namespace reaches the API server (forwarded to the host's
@@ -126,7 +135,11 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if err := controlplane.CleanupStale(""); err != nil {
 		log.Warn("clean up stale control planes", "err", err)
 	}
-	if c.CP, err = controlplane.Start(ctx, controlplane.Options{Logger: log}); err != nil {
+	var users []controlplane.User
+	for i := 1; i <= agentUsers; i++ {
+		users = append(users, controlplane.User{Name: agentUser(i), Groups: []string{agentGroup}})
+	}
+	if c.CP, err = controlplane.Start(ctx, controlplane.Options{Logger: log, Users: users}); err != nil {
 		return nil, err
 	}
 	root, err := moduleRoot()
@@ -134,6 +147,9 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 		return nil, err
 	}
 	if err := c.CP.ApplyCRDs(ctx, filepath.Join(root, "manifests", "crds")); err != nil {
+		return nil, err
+	}
+	if err := c.CP.ApplyYAML(ctx, filepath.Join(root, "manifests", "rbac")); err != nil {
 		return nil, err
 	}
 	scheme := runtime.NewScheme()
@@ -145,6 +161,13 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	}
 	if c.Client, err = client.New(c.CP.RESTConfig(), client.Options{Scheme: scheme}); err != nil {
 		return nil, err
+	}
+	if err := c.Client.Create(ctx, &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: "meshcrypt-agent-harness"},
+		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: "meshcrypt-agent"},
+		Subjects:   []rbacv1.Subject{{APIGroup: rbacv1.GroupName, Kind: rbacv1.GroupKind, Name: agentGroup}},
+	}); err != nil {
+		return nil, fmt.Errorf("bind agent role: %w", err)
 	}
 	if c.Net, err = netenv.New(ctx, netenv.Options{
 		IPv4Only:    opts.IPv4Only,
@@ -229,6 +252,9 @@ func (c *Cluster) AddNode(ctx context.Context, name string) (*Node, error) {
 	c.index++
 	idx := c.index
 	c.mu.Unlock()
+	if idx > agentUsers {
+		return nil, fmt.Errorf("node %s: the harness has %d agent identities, all used", name, agentUsers)
+	}
 	n := &Node{
 		Node:     nn,
 		c:        c,
@@ -248,7 +274,7 @@ func (c *Cluster) AddNode(ctx context.Context, name string) (*Node, error) {
 		return nil, fmt.Errorf("forward API server into %s: %w", name, err)
 	}
 	n.Kubeconfig = filepath.Join(c.dir, name, "kubeconfig")
-	if err := c.CP.WriteKubeconfig(n.Kubeconfig, fmt.Sprintf("https://127.0.0.1:%d", apiPortInNode), c.CP.AdminToken()); err != nil {
+	if err := c.CP.WriteKubeconfig(n.Kubeconfig, fmt.Sprintf("https://127.0.0.1:%d", apiPortInNode), c.CP.Token(agentUser(idx))); err != nil {
 		return nil, err
 	}
 	c.mu.Lock()
@@ -620,6 +646,8 @@ func moduleRoot() (string, error) {
 	}
 	return "", fmt.Errorf("no go.mod above %s", dir)
 }
+
+func agentUser(i int) string { return fmt.Sprintf("meshcrypt-agent-%d", i) }
 
 func addrString(a netip.Addr) string {
 	if !a.IsValid() {
