@@ -102,6 +102,7 @@ type Agent struct {
 	key       wgtypes.Key
 	bootID    string
 	mtu       int
+	nl        *netlink.Handle
 	dev       wireguard.Device
 	routes    *datapath.Routes
 	nameByKey map[wgtypes.Key]string
@@ -190,6 +191,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		defer h.Close()
 	}
+	a.nl = h
 	a.routes = datapath.NewRoutes(h)
 
 	if a.client, err = client.New(a.opts.RESTConfig, client.Options{Scheme: a.scheme}); err != nil {
@@ -220,17 +222,33 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.mtu == 0 {
 		return fmt.Errorf("underlay %s has MTU %d: too small for a WireGuard tunnel", iface, underlayMTU)
 	}
+	if err := a.ensureDevice(ctx); err != nil {
+		return err
+	}
+	defer func() { a.dev.Close() }()
+	a.log.Info("underlay", "iface", iface, "mtu", underlayMTU)
+
+	if err := a.startCache(ctx); err != nil {
+		return err
+	}
+	return a.loop(ctx)
+}
+
+// ensureDevice creates or adopts the WireGuard device (kernel, else the userspace device
+// process, which it starts detached so it outlives this agent).
+func (a *Agent) ensureDevice(ctx context.Context) error {
 	exe := a.opts.WireGuard.Executable
 	if exe == "" {
+		var err error
 		if exe, err = os.Executable(); err != nil {
 			return fmt.Errorf("find own executable: %w", err)
 		}
 	}
-	a.dev, err = wireguard.Ensure(ctx, wireguard.EnsureOptions{
+	dev, err := wireguard.Ensure(ctx, wireguard.EnsureOptions{
 		Name:    a.opts.WireGuard.Iface,
 		MTU:     a.mtu,
 		Backend: a.opts.WireGuard.Backend,
-		Netlink: h,
+		Netlink: a.nl,
 		DeviceCommand: []string{exe, "wireguard-device",
 			"--iface", a.opts.WireGuard.Iface, "--mtu", strconv.Itoa(a.mtu)},
 		LogPath: filepath.Join(a.opts.StateDir, "wireguard-device.log"),
@@ -239,13 +257,24 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("set up WireGuard device %s: %w", a.opts.WireGuard.Iface, err)
 	}
-	defer a.dev.Close()
-	a.log.Info("WireGuard device ready", logIface, a.dev.Name(), "backend", a.dev.Backend(), "mtu", a.mtu, "underlay", iface, "underlayMTU", underlayMTU)
+	a.dev = dev
+	a.log.Info("WireGuard device ready", logIface, dev.Name(), "backend", dev.Backend(), "mtu", a.mtu)
+	return nil
+}
 
-	if err := a.startCache(ctx); err != nil {
-		return err
+// applyDevice applies cfg; when the device has vanished (its userspace process died, its link
+// was deleted) it recreates it and applies again.
+func (a *Agent) applyDevice(ctx context.Context, cfg wireguard.Config) (wireguard.PlanStats, error) {
+	st, err := a.dev.Apply(ctx, cfg)
+	if !errors.Is(err, wireguard.ErrDeviceGone) {
+		return st, err
 	}
-	return a.loop(ctx)
+	a.log.Warn("WireGuard device gone; recreating it", logIface, a.dev.Name(), "err", err)
+	a.dev.Close()
+	if err := a.ensureDevice(ctx); err != nil {
+		return st, err
+	}
+	return a.dev.Apply(ctx, cfg)
 }
 
 // waitForNode reads this node's Kubernetes Node, retrying until it exists or ctx ends.
@@ -329,10 +358,15 @@ func (a *Agent) loop(ctx context.Context) error {
 		case <-resync.C:
 		case <-retry:
 		case <-status.C:
-			if err := a.publishStatus(ctx); err != nil {
-				a.log.Warn("publish status", "err", err)
+			err := a.publishStatus(ctx)
+			if err == nil {
+				continue
 			}
-			continue
+			a.log.Warn("publish status", "err", err)
+			if !errors.Is(err, wireguard.ErrDeviceGone) {
+				continue
+			}
+			// The status read found the device gone: reconcile now, which recreates it.
 		}
 		err := a.reconcile(ctx)
 		a.lastErr = err
@@ -401,7 +435,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		// Peers before routes: a route never points at a device without its peer.
 		cfg.Peers = peers
 		route.Prefixes = routePrefixes(peers)
-		if wst, err = a.dev.Apply(ctx, cfg); err != nil {
+		if wst, err = a.applyDevice(ctx, cfg); err != nil {
 			return fmt.Errorf("configure WireGuard peers: %w", err)
 		}
 		if rst, err = a.routes.Apply(ctx, route); err != nil {
@@ -412,7 +446,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		if rst, err = a.routes.Apply(ctx, route); err != nil {
 			return fmt.Errorf("remove tunnel routes: %w", err)
 		}
-		if wst, err = a.dev.Apply(ctx, cfg); err != nil {
+		if wst, err = a.applyDevice(ctx, cfg); err != nil {
 			return fmt.Errorf("remove WireGuard peers: %w", err)
 		}
 		peers = nil

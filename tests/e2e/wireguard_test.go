@@ -11,7 +11,9 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -316,6 +318,38 @@ func TestWireGuardEndToEnd(t *testing.T) {
 		}
 	})
 
+	t.Run("a killed userspace device is recreated and reconfigured", func(t *testing.T) {
+		n3 := c.Node("n3")
+		pid := devicePID(t, n3.Iface)
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
+			p, ok := findDevicePID(n3.Iface)
+			return ok && p != pid, nil
+		})
+		if err != nil {
+			t.Fatalf("no new device process for %s: %v", n3.Iface, err)
+		}
+		if _, err := c.WaitConverged(ctx, v1alpha1.ModeWireGuard, time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		checkDevices(t, c)
+		m := newMarker(t)
+		cp := capture(t, c, m)
+		from, to := c.Node("n1").Pods()[0], n3.Pods()[0]
+		if err := cluster.Exchange(ctx, "udp", from, to.IPv4, to, 7004, m, 20*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		if cp.Count(m) != 0 {
+			t.Fatalf("marker in clear %d times after the device was recreated", cp.Count(m))
+		}
+		// The agent notices within a status period (1 s here); the rest is WireGuard itself:
+		// n1 keeps its session with the old device until it sees no reply (about 10-15 s).
+		t.Logf("device recreated, reconfigured and carrying a one-way flow from a peer %s after SIGKILL", time.Since(start).Round(time.Millisecond))
+	})
+
 	t.Run("disabled again: peers and routes removed, clear again", func(t *testing.T) {
 		if err := c.SetMode(ctx, v1alpha1.ModeDisabled); err != nil {
 			t.Fatal(err)
@@ -427,6 +461,35 @@ func checkDevices(t *testing.T, c *cluster.Cluster) {
 			}
 		}
 	}
+}
+
+// findDevicePID finds the userspace device process serving iface.
+func findDevicePID(iface string) (int, bool) {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+		if slices.Contains(args, "wireguard-device") && slices.Contains(args, iface) {
+			return pid, true
+		}
+	}
+	return 0, false
+}
+
+func devicePID(t *testing.T, iface string) int {
+	t.Helper()
+	pid, ok := findDevicePID(iface)
+	if !ok {
+		t.Fatalf("no userspace device process for %s", iface)
+	}
+	return pid
 }
 
 func sortPrefixes(ps []netip.Prefix) {
