@@ -59,9 +59,13 @@ func TestMeshNodeValidation(t *testing.T) {
 		wantMsg string
 	}{
 		{"key not base64", func(m *v1alpha1.MeshNode) { m.Spec.WireGuard.PublicKey = "not a key" }, "spec.wireguard.publicKey"},
-		{"key 31 bytes", func(m *v1alpha1.MeshNode) { m.Spec.WireGuard.PublicKey = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBg==" }, "spec.wireguard.publicKey"},
+		{"key 31 bytes", func(m *v1alpha1.MeshNode) {
+			m.Spec.WireGuard.PublicKey = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBg=="
+		}, "spec.wireguard.publicKey"},
 		{"key 33 bytes", func(m *v1alpha1.MeshNode) { m.Spec.WireGuard.PublicKey = goodKey + "AA" }, "spec.wireguard.publicKey"},
-		{"key non-canonical padding bits", func(m *v1alpha1.MeshNode) { m.Spec.WireGuard.PublicKey = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmn=" }, "spec.wireguard.publicKey"},
+		{"key non-canonical padding bits", func(m *v1alpha1.MeshNode) {
+			m.Spec.WireGuard.PublicKey = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmn="
+		}, "spec.wireguard.publicKey"},
 		{"CIDR garbage", func(m *v1alpha1.MeshNode) { m.Spec.PodCIDRs = []v1alpha1.CIDR{"10.244.1.0"} }, "must be a CIDR"},
 		{"CIDR prefix too long", func(m *v1alpha1.MeshNode) { m.Spec.PodCIDRs = []v1alpha1.CIDR{"10.244.1.0/33"} }, "must be a CIDR"},
 		{"CIDR host bits", func(m *v1alpha1.MeshNode) { m.Spec.PodCIDRs = []v1alpha1.CIDR{"10.244.1.7/24"} }, "must not have host bits set"},
