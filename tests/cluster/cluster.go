@@ -370,6 +370,7 @@ func (c *Cluster) RemoveNode(ctx context.Context, name string) error {
 		}
 	}
 	errs = append(errs, c.Net.RemoveNode(ctx, name)) // kills the device process inside
+	_ = os.Remove(wireguard.UAPISocketPath(n.Iface))
 	c.mu.Lock()
 	delete(c.nodes, name)
 	c.mu.Unlock()
@@ -586,7 +587,8 @@ func (c *Cluster) DumpLogs(w io.Writer, lines int) {
 // removes the temporary directory. It is idempotent.
 func (c *Cluster) Close() error {
 	var errs []error
-	for _, n := range c.Nodes() {
+	nodes := c.Nodes()
+	for _, n := range nodes {
 		errs = append(errs, n.StopAgent())
 	}
 	if c.cancel != nil {
@@ -594,6 +596,10 @@ func (c *Cluster) Close() error {
 	}
 	if c.Net != nil {
 		errs = append(errs, c.Net.Close())
+	}
+	// Killed userspace devices leave their UAPI socket files (a global path) behind.
+	for _, n := range nodes {
+		_ = os.Remove(wireguard.UAPISocketPath(n.Iface))
 	}
 	if c.CP != nil {
 		errs = append(errs, c.CP.Stop())
