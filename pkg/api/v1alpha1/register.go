@@ -19,6 +19,8 @@ func addKnownTypes(s *runtime.Scheme) error {
 	s.AddKnownTypes(GroupVersion,
 		&MeshConfig{}, &MeshConfigList{},
 		&MeshNode{}, &MeshNodeList{},
+		&MeshIdentity{}, &MeshIdentityList{},
+		&MeshPolicy{}, &MeshPolicyList{},
 	)
 	metav1.AddToGroupVersion(s, GroupVersion)
 	return nil
