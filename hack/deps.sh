@@ -5,15 +5,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# binary -> Debian package
+# binary (or file) -> Debian package. clang, llvm and libbpf-dev compile bpf/ for
+# `make generate` (which `make lint` checks is current).
 declare -A need=(
   [etcd]=etcd-server
   [ip]=iproute2
   [iperf3]=iperf3
+  [clang]=clang
+  [llvm-strip]=llvm
+  [/usr/include/bpf/bpf_helpers.h]=libbpf-dev
 )
 missing=()
-for bin in "${!need[@]}"; do
-  command -v "$bin" >/dev/null 2>&1 || missing+=("${need[$bin]}")
+for what in "${!need[@]}"; do
+  case "$what" in
+    /*) [ -e "$what" ] || missing+=("${need[$what]}") ;;
+    *) command -v "$what" >/dev/null 2>&1 || missing+=("${need[$what]}") ;;
+  esac
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
