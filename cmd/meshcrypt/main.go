@@ -66,6 +66,6 @@ func newRootCmd() *cobra.Command {
 	}
 	cmd.PersistentFlags().StringVar(&g.kubeconfig, "kubeconfig", "", "kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
 	cmd.PersistentFlags().StringVar(&g.context, "context", "", "kubeconfig context to use")
-	cmd.AddCommand(newStatusCmd(g))
+	cmd.AddCommand(newStatusCmd(g), newEncryptionCmd(g))
 	return cmd
 }

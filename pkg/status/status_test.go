@@ -127,3 +127,24 @@ func TestWriteTable(t *testing.T) {
 		t.Errorf("output shows a raw key, want only fingerprints:\n%s", out)
 	}
 }
+
+func TestProgress(t *testing.T) {
+	full := []v1alpha1.MeshNode{
+		node("a", keyA, v1alpha1.ModeWireGuard, peer("b", keyB, time.Time{})),
+		node("b", keyB, v1alpha1.ModeWireGuard, peer("a", keyC, time.Time{})),
+		node("c", keyC, v1alpha1.ModeDisabled),
+	}
+	got := Progress(v1alpha1.ModeWireGuard, full)
+	want := []NodeProgress{
+		{Node: "a", Waiting: "peers not configured: c"},
+		{Node: "b", Waiting: "peers not configured: a, c"},
+		{Node: "c", Waiting: `agent has applied "Disabled"`},
+	}
+	if d := cmp.Diff(want, got); d != "" {
+		t.Errorf("(-want +got):\n%s", d)
+	}
+	got = Progress(v1alpha1.ModeDisabled, full)
+	if !got[2].Done || got[0].Done {
+		t.Errorf("Disabled progress %+v: want only c done", got)
+	}
+}

@@ -116,14 +116,19 @@ func TestWireGuardEndToEnd(t *testing.T) {
 	})
 
 	t.Run("wireguard encrypts every pair", func(t *testing.T) {
-		if err := c.SetMode(ctx, v1alpha1.ModeWireGuard); err != nil {
-			t.Fatal(err)
-		}
-		took, err := c.WaitConverged(ctx, v1alpha1.ModeWireGuard, time.Minute)
+		// The operator's switch: the CLI sets the mode and waits for every node.
+		out, err := c.Run(ctx, "meshcrypt", "encryption", "enable", "--mode", "wireguard", "--wait", "--timeout", "1m")
 		if err != nil {
+			t.Fatalf("meshcrypt encryption enable: %v\n%s", err, out)
+		}
+		if !strings.Contains(out, "all 3 nodes applied WireGuard") {
+			t.Fatalf("enable --wait did not report convergence:\n%s", out)
+		}
+		t.Logf("meshcrypt encryption enable --mode wireguard --wait:\n%s", out)
+		// The harness's own check agrees.
+		if _, err := c.WaitConverged(ctx, v1alpha1.ModeWireGuard, 10*time.Second); err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("converged to WireGuard in %s", took)
 		m := newMarker(t)
 		cp := capture(t, c, m)
 		n := exchangeAll(t, c, m)
@@ -351,8 +356,8 @@ func TestWireGuardEndToEnd(t *testing.T) {
 	})
 
 	t.Run("disabled again: peers and routes removed, clear again", func(t *testing.T) {
-		if err := c.SetMode(ctx, v1alpha1.ModeDisabled); err != nil {
-			t.Fatal(err)
+		if out, err := c.Run(ctx, "meshcrypt", "encryption", "disable", "--wait", "--timeout", "1m"); err != nil {
+			t.Fatalf("meshcrypt encryption disable: %v\n%s", err, out)
 		}
 		if _, err := c.WaitConverged(ctx, v1alpha1.ModeDisabled, time.Minute); err != nil {
 			t.Fatal(err)

@@ -1,0 +1,70 @@
+package status
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
+)
+
+// NodeProgress is how far one node is in applying a mode.
+type NodeProgress struct {
+	Node string
+	Done bool
+	// Waiting says what the node still lacks.
+	Waiting string
+}
+
+// Progress reports, per node, whether it has applied mode: for WireGuard, every other node
+// configured with its current key; for Disabled, no peers left. All nodes done means the
+// cluster has converged.
+func Progress(mode v1alpha1.EncryptionMode, nodes []v1alpha1.MeshNode) []NodeProgress {
+	nodes = slices.Clone(nodes)
+	slices.SortFunc(nodes, func(a, b v1alpha1.MeshNode) int { return strings.Compare(a.Name, b.Name) })
+	byName := map[string]*v1alpha1.MeshNode{}
+	for i := range nodes {
+		byName[nodes[i].Name] = &nodes[i]
+	}
+	out := make([]NodeProgress, 0, len(nodes))
+	for i := range nodes {
+		out = append(out, progress(mode, &nodes[i], nodes))
+	}
+	return out
+}
+
+func progress(mode v1alpha1.EncryptionMode, n *v1alpha1.MeshNode, all []v1alpha1.MeshNode) NodeProgress {
+	p := NodeProgress{Node: n.Name}
+	if n.Status.Mode != mode {
+		p.Waiting = fmt.Sprintf("agent has applied %q", n.Status.Mode)
+		return p
+	}
+	if mode != v1alpha1.ModeWireGuard {
+		if len(n.Status.Peers) > 0 {
+			p.Waiting = fmt.Sprintf("%d peers left", len(n.Status.Peers))
+			return p
+		}
+		p.Done = true
+		return p
+	}
+	configured := map[string]string{}
+	for _, ps := range n.Status.Peers {
+		configured[ps.Node] = ps.PublicKey
+	}
+	var missing []string
+	for i := range all {
+		o := &all[i]
+		if o.Name == n.Name || o.Spec.WireGuard == nil {
+			continue
+		}
+		if configured[o.Name] != o.Spec.WireGuard.PublicKey {
+			missing = append(missing, o.Name)
+		}
+	}
+	if len(missing) > 0 {
+		p.Waiting = "peers not configured: " + strings.Join(missing, ", ")
+		return p
+	}
+	p.Done = true
+	return p
+}
