@@ -21,11 +21,11 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -33,14 +33,6 @@ import (
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
 	"github.com/meshcrypt/meshcrypt/tests/controlplane"
 	"github.com/meshcrypt/meshcrypt/tests/netenv"
-)
-
-// agentUsers is how many agent identities the API server knows (static tokens); each node's
-// agent gets its own, in group agentGroup, which is bound to the agent's ClusterRole from
-// manifests/rbac, so every e2e run proves that role suffices.
-const (
-	agentUsers = 64
-	agentGroup = "meshcrypt:agents"
 )
 
 // apiPortInNode is where each node namespace reaches the API server (forwarded to the host's
@@ -78,6 +70,7 @@ type Cluster struct {
 	CP     *controlplane.ControlPlane
 	Net    *netenv.Topology
 	Client client.Client
+	kube   kubernetes.Interface
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -135,11 +128,7 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if err := controlplane.CleanupStale(""); err != nil {
 		log.Warn("clean up stale control planes", "err", err)
 	}
-	var users []controlplane.User
-	for i := 1; i <= agentUsers; i++ {
-		users = append(users, controlplane.User{Name: agentUser(i), Groups: []string{agentGroup}})
-	}
-	if c.CP, err = controlplane.Start(ctx, controlplane.Options{Logger: log, Users: users}); err != nil {
+	if c.CP, err = controlplane.Start(ctx, controlplane.Options{Logger: log}); err != nil {
 		return nil, err
 	}
 	root, err := moduleRoot()
@@ -149,8 +138,12 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if err := c.CP.ApplyCRDs(ctx, filepath.Join(root, "manifests", "crds")); err != nil {
 		return nil, err
 	}
-	if err := c.CP.ApplyYAML(ctx, filepath.Join(root, "manifests", "rbac")); err != nil {
-		return nil, err
+	// Agents run as the ServiceAccount of manifests/rbac, under its ClusterRole and the
+	// MeshNode admission policy, so every e2e run proves both suffice and hold.
+	for _, dir := range []string{"rbac", "admission"} {
+		if err := c.CP.ApplyYAML(ctx, filepath.Join(root, "manifests", dir)); err != nil {
+			return nil, err
+		}
 	}
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
@@ -162,12 +155,8 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if c.Client, err = client.New(c.CP.RESTConfig(), client.Options{Scheme: scheme}); err != nil {
 		return nil, err
 	}
-	if err := c.Client.Create(ctx, &rbacv1.ClusterRoleBinding{
-		ObjectMeta: metav1.ObjectMeta{Name: "meshcrypt-agent-harness"},
-		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: "meshcrypt-agent"},
-		Subjects:   []rbacv1.Subject{{APIGroup: rbacv1.GroupName, Kind: rbacv1.GroupKind, Name: agentGroup}},
-	}); err != nil {
-		return nil, fmt.Errorf("bind agent role: %w", err)
+	if c.kube, err = kubernetes.NewForConfig(c.CP.RESTConfig()); err != nil {
+		return nil, err
 	}
 	if c.Net, err = netenv.New(ctx, netenv.Options{
 		IPv4Only:    opts.IPv4Only,
@@ -252,9 +241,6 @@ func (c *Cluster) AddNode(ctx context.Context, name string) (*Node, error) {
 	c.index++
 	idx := c.index
 	c.mu.Unlock()
-	if idx > agentUsers {
-		return nil, fmt.Errorf("node %s: the harness has %d agent identities, all used", name, agentUsers)
-	}
 	n := &Node{
 		Node:     nn,
 		c:        c,
@@ -273,8 +259,12 @@ func (c *Cluster) AddNode(ctx context.Context, name string) (*Node, error) {
 	if _, err := nn.NS.ForwardTCP(c.ctx, net.JoinHostPort("127.0.0.1", strconv.Itoa(apiPortInNode)), target); err != nil {
 		return nil, fmt.Errorf("forward API server into %s: %w", name, err)
 	}
+	token, err := AgentToken(ctx, c.kube, name)
+	if err != nil {
+		return nil, err
+	}
 	n.Kubeconfig = filepath.Join(c.dir, name, "kubeconfig")
-	if err := c.CP.WriteKubeconfig(n.Kubeconfig, fmt.Sprintf("https://127.0.0.1:%d", apiPortInNode), c.CP.Token(agentUser(idx))); err != nil {
+	if err := c.CP.WriteKubeconfig(n.Kubeconfig, fmt.Sprintf("https://127.0.0.1:%d", apiPortInNode), token); err != nil {
 		return nil, err
 	}
 	c.mu.Lock()
@@ -362,7 +352,7 @@ func (c *Cluster) RemoveNode(ctx context.Context, name string) error {
 		}
 	}
 	var pods corev1.PodList
-	if err := c.Client.List(ctx, &pods, client.InNamespace("default")); err == nil {
+	if err := c.Client.List(ctx, &pods); err == nil {
 		for i := range pods.Items {
 			if pods.Items[i].Spec.NodeName == name {
 				_ = c.Client.Delete(ctx, &pods.Items[i])
@@ -652,8 +642,6 @@ func moduleRoot() (string, error) {
 	}
 	return "", fmt.Errorf("no go.mod above %s", dir)
 }
-
-func agentUser(i int) string { return fmt.Sprintf("meshcrypt-agent-%d", i) }
 
 func addrString(a netip.Addr) string {
 	if !a.IsValid() {
