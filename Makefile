@@ -20,15 +20,16 @@ deps: ## install Debian packages (etcd-server, iproute2, iperf3) and build kube-
 build: ## build bin/meshcrypt-agent and bin/meshcrypt
 	$(GO) build -o $(BIN)/ ./cmd/meshcrypt-agent ./cmd/meshcrypt
 
-generate: ## regenerate deepcopy code and CRD manifests (commit the result)
+generate: ## regenerate deepcopy code, CRD manifests and the BPF objects (commit the result)
 	$(GO) tool controller-gen object paths=./pkg/api/... crd:crdVersions=v1 output:crd:artifacts:config=manifests/crds
+	$(GO) generate ./pkg/datapath/
 
 lint: ## gofmt, go vet, staticcheck, and generated code up to date
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt wants to change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
 	@$(MAKE) --no-print-directory generate >/dev/null
-	@git diff --exit-code --stat -- manifests/crds pkg/api || (echo "generated files are stale: run make generate and commit"; exit 1)
+	@git diff --exit-code --stat -- manifests/crds pkg/api pkg/datapath/classifier_bpfel.go pkg/datapath/classifier_bpfel.o || (echo "generated files are stale: run make generate and commit"; exit 1)
 
 test: deps build lint ## every test tier in order (needs root: netns, WireGuard devices); cleans up even on failure
 	@$(GO) run ./tests/cleanup
@@ -50,7 +51,8 @@ test-e2e: ## end-to-end: agents on netns nodes, traffic with a marker, underlay 
 demo: deps build ## run a 3-node cluster on this machine, turn WireGuard on, prove it, print meshcrypt status (KEEP=1 keeps it up)
 	$(GO) run ./tests/demo $(if $(KEEP),--keep,)
 
-bench: deps build ## benchmarks: pod-to-pod throughput WireGuard vs clear, node join time
+bench: deps build ## benchmarks: classifier cost per packet, pod-to-pod throughput WireGuard vs clear, node join time
+	$(GOTEST) -run '^$$' -bench Classifier -benchtime 1x -timeout 20m ./pkg/datapath/ | tee bench/classifier.txt
 	$(GOTEST) -run '^$$' -bench . -benchtime 1x -timeout 20m ./tests/e2e/ | tee bench/results.txt
 
 cleanup: ## remove namespaces and processes left by killed test runs

@@ -1,7 +1,11 @@
-// Package datapath owns the node's kernel routing state for meshcrypt: the routes that send
-// remote pod CIDRs through the tunnel device and the policy-routing rules that make them take
-// precedence over the underlay routes a CNI installed. (Later: BPF objects and their attachment.)
+// Package datapath owns the node's kernel datapath state: tunnel routes and policy-routing
+// rules, and the policy classifier. It loads the BPF objects generated from bpf/ (committed;
+// `go generate ./pkg/datapath` rebuilds them with clang), keeps the ipcache, policy and enforce
+// maps equal to the desired state (ApplyIPCache, ApplyPolicy), reads the per-reason counters,
+// and attaches from_pod/to_pod to pod interfaces with TCX, falling back to tc clsact +
+// cls_bpf. docs/datapath.md is its contract with bpf/ and pkg/policy.
 //
-// It is the kernel edge: it takes a *netlink.Handle bound to a namespace and applies desired
-// state given as values. It imports no client-go and no Kubernetes types.
+// It is the kernel edge: it takes handles bound to a namespace and applies desired state
+// given as values; it imports no client-go or Kubernetes types, and callers never see
+// cilium/ebpf types.
 package datapath

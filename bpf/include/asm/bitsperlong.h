@@ -1,0 +1,4 @@
+/* SPDX-License-Identifier: (MIT OR GPL-2.0) */
+/* The uapi headers include <asm/bitsperlong.h>; a BPF target has no multiarch asm directory, so
+ * this shim points at the generic definitions (the same on every 64-bit target). */
+#include <asm-generic/bitsperlong.h>
