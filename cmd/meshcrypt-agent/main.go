@@ -18,6 +18,7 @@ import (
 	"github.com/meshcrypt/meshcrypt/internal/logging"
 	"github.com/meshcrypt/meshcrypt/pkg/agent"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
+	"github.com/meshcrypt/meshcrypt/pkg/datapath"
 )
 
 func main() {
@@ -40,6 +41,8 @@ func newRootCmd() *cobra.Command {
 		kubeconfig  string
 		opts        agent.Options
 		backend     string
+		attach      string
+		clusterID   uint
 		underlayIPs []string
 	)
 	cmd := &cobra.Command{
@@ -57,6 +60,20 @@ func newRootCmd() *cobra.Command {
 			if opts.WireGuard.Backend, err = wireguard.ParseBackend(backend); err != nil {
 				return err
 			}
+			switch attach {
+			case "auto":
+				opts.AttachMode = datapath.AttachAuto
+			case "tcx":
+				opts.AttachMode = datapath.AttachTCX
+			case "tc":
+				opts.AttachMode = datapath.AttachTC
+			default:
+				return fmt.Errorf("--attach-mode %q: want auto, tcx or tc", attach)
+			}
+			if clusterID < 1 || clusterID > 255 {
+				return fmt.Errorf("--cluster-id %d outside 1-255", clusterID)
+			}
+			opts.ClusterID = uint8(clusterID)
 			for _, s := range underlayIPs {
 				ip, err := netip.ParseAddr(s)
 				if err != nil {
@@ -92,6 +109,12 @@ func newRootCmd() *cobra.Command {
 	f.IntVar(&opts.RulePriority, "rule-priority", 0, "priority of the rule that looks up the tunnel table (default 1000)")
 	f.DurationVar(&opts.ResyncPeriod, "resync-period", 0, "how often to re-apply the desired state (default 30s)")
 	f.DurationVar(&opts.StatusPeriod, "status-period", 0, "how often to refresh peer handshakes in status (default 10s)")
+	f.StringVar(&attach, "attach-mode", "auto", "how the policy classifier attaches to pod interfaces: auto (TCX, else tc), tcx or tc")
+	f.StringVar(&opts.BPFPinDir, "bpf-pin-dir", "/sys/fs/bpf/meshcrypt", "bpffs directory where classifier maps and links are pinned (\"\" pins nothing)")
+	f.StringVar(&opts.ClusterName, "cluster-name", "default", "this cluster's name, part of every identity")
+	f.UintVar(&clusterID, "cluster-id", 1, "this cluster's ID (1-255), the high bits of every identity")
+	f.DurationVar(&opts.IdentityGCGrace, "identity-gc-grace", 0, "how long an identity stays unused before it is deleted (default 10m)")
+	f.DurationVar(&opts.IdentityGCInterval, "identity-gc-interval", 0, "how often unused identities are looked for (default 1m)")
 	cmd.AddCommand(newDeviceCmd(&lf))
 	return cmd
 }

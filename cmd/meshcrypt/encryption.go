@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/util/retry"
@@ -129,7 +130,18 @@ func waitForMode(ctx context.Context, c client.Client, out io.Writer, mode v1alp
 			}
 			return fmt.Errorf("list MeshNodes: %w", explainAPIError(err, "list", "meshnodes"))
 		}
-		prog := status.Progress(mode, list.Items)
+		var nodes corev1.NodeList
+		if err := c.List(ctx, &nodes); err != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("timed out after %s waiting for nodes to apply %s", timeout, mode)
+			}
+			return fmt.Errorf("list Nodes: %w", err)
+		}
+		expected := make([]string, len(nodes.Items))
+		for i, n := range nodes.Items {
+			expected[i] = n.Name
+		}
+		prog := status.Progress(mode, list.Items, expected)
 		done := 0
 		for _, p := range prog {
 			line := "waiting: " + p.Waiting

@@ -29,11 +29,15 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
 	"github.com/meshcrypt/meshcrypt/pkg/datapath"
+	"github.com/meshcrypt/meshcrypt/pkg/identity"
+	identitykube "github.com/meshcrypt/meshcrypt/pkg/identity/kube"
 )
 
 // Log attribute keys.
@@ -68,6 +72,19 @@ type Options struct {
 	ResyncPeriod time.Duration
 	// StatusPeriod refreshes peer handshakes in status; default 10 s.
 	StatusPeriod time.Duration
+	// ClusterName and ClusterID name this cluster in identities; default "default" and 1.
+	ClusterName string
+	ClusterID   uint8
+	// AttachMode is how the classifier is attached to pod interfaces (auto: TCX, else tc).
+	AttachMode datapath.AttachMode
+	// BPFPinDir is a directory on a bpffs where the classifier's maps and links are pinned
+	// (one subdirectory per node), so they outlive agent restarts; "" pins nothing.
+	BPFPinDir string
+	// LeaseNamespace holds the identity GC's lease; default "meshcrypt".
+	LeaseNamespace string
+	// IdentityGCGrace is how long an identity stays unused before it is deleted (default
+	// 10 min); IdentityGCInterval how often the collector looks (default 1 min).
+	IdentityGCGrace, IdentityGCInterval time.Duration
 	// Logger receives the agent's logs; nil discards them.
 	Logger *slog.Logger
 }
@@ -111,6 +128,15 @@ type Agent struct {
 	applied   v1alpha1.EncryptionMode
 	skips     []skip
 	peers     []wireguard.Peer
+
+	// Identity and policy (policy.go).
+	alloc         *identity.Allocator
+	clf           *datapath.Classifier
+	netns         datapath.Netns
+	attached      map[attachedLink]datapath.AttachMode
+	attachMode    datapath.AttachMode
+	badPods       []string
+	policySkipped []string
 }
 
 // New checks opts and returns an Agent. It does no I/O.
@@ -150,6 +176,15 @@ func New(opts Options) (*Agent, error) {
 	if opts.StatusPeriod == 0 {
 		opts.StatusPeriod = 10 * time.Second
 	}
+	if opts.ClusterName == "" {
+		opts.ClusterName = "default"
+	}
+	if opts.ClusterID == 0 {
+		opts.ClusterID = 1
+	}
+	if opts.LeaseNamespace == "" {
+		opts.LeaseNamespace = "meshcrypt"
+	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -162,10 +197,11 @@ func New(opts Options) (*Agent, error) {
 		return nil, err
 	}
 	return &Agent{
-		opts:    opts,
-		log:     log.With(logNode, opts.NodeName),
-		scheme:  scheme,
-		trigger: make(chan struct{}, 1),
+		opts:     opts,
+		log:      log.With(logNode, opts.NodeName),
+		scheme:   scheme,
+		trigger:  make(chan struct{}, 1),
+		attached: map[attachedLink]datapath.AttachMode{},
 	}, nil
 }
 
@@ -228,9 +264,32 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer func() { a.dev.Close() }()
 	a.log.Info("underlay", "iface", iface, "mtu", underlayMTU)
 
+	pin := ""
+	if a.opts.BPFPinDir != "" {
+		pin = filepath.Join(a.opts.BPFPinDir, a.opts.NodeName)
+	}
+	if a.clf, err = datapath.LoadClassifier(datapath.ClassifierOptions{PinPath: pin, Logger: a.log}); err != nil {
+		return err
+	}
+	defer a.clf.Close()
+	ns, err := netns.Get()
+	if err != nil {
+		return fmt.Errorf("open own network namespace: %w", err)
+	}
+	defer ns.Close()
+	a.netns = datapath.Netns{Handle: h, NS: ns}
+	a.alloc = identity.NewAllocator(identitykube.NewStore(a.client), identity.AllocatorOptions{
+		Cluster: a.opts.ClusterID, Watched: true, Logger: a.log,
+	})
+
 	if err := a.startCache(ctx); err != nil {
 		return err
 	}
+	cs, err := kubernetes.NewForConfig(a.opts.RESTConfig)
+	if err != nil {
+		return err
+	}
+	go a.runIdentityGC(ctx, cs)
 	return a.loop(ctx)
 }
 
@@ -312,7 +371,15 @@ func (a *Agent) startCache(ctx context.Context) error {
 		UpdateFunc: func(any, any) { a.kick() },
 		DeleteFunc: func(any) { a.kick() },
 	}
-	for _, obj := range []client.Object{&v1alpha1.MeshNode{}, &v1alpha1.MeshConfig{}, &corev1.Node{}} {
+	idInf, err := c.GetInformer(ctx, &v1alpha1.MeshIdentity{})
+	if err != nil {
+		return fmt.Errorf("informer for MeshIdentities: %w", err)
+	}
+	if _, err := idInf.AddEventHandler(identitykube.EventHandler(a.alloc, a.log)); err != nil {
+		return fmt.Errorf("watch MeshIdentities: %w", err)
+	}
+	for _, obj := range []client.Object{&v1alpha1.MeshNode{}, &v1alpha1.MeshConfig{}, &corev1.Node{},
+		&corev1.Pod{}, &corev1.Namespace{}, &v1alpha1.MeshPolicy{}, &v1alpha1.MeshIdentity{}} {
 		inf, err := c.GetInformer(ctx, obj)
 		if err != nil {
 			return fmt.Errorf("informer for %T: %w", obj, err)
@@ -452,6 +519,9 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		peers = nil
 	}
 	a.peers = peers
+	if err := a.reconcilePolicy(ctx, mode, peers, list.Items); err != nil {
+		return err
+	}
 	if a.applied != mode {
 		a.log.Info("encryption mode applied", "mode", mode, "peers", len(peers))
 		a.applied = mode
@@ -535,6 +605,9 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 	st.Mode = a.applied
 	st.Backend = v1alpha1.WireGuardBackend(a.dev.Backend())
 	st.TunnelMTU = int32(a.mtu)
+	if a.attachMode != datapath.AttachAuto {
+		st.AttachMode = a.attachMode.String()
+	}
 	st.Peers = nil
 	st.PeersReady = 0
 	if len(a.peers) > 0 {
@@ -553,7 +626,7 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 			}
 		}
 	}
-	setConditions(st, a.applied, a.lastErr, len(a.peers), int(st.PeersReady), a.skips)
+	setConditions(st, a.applied, a.lastErr, len(a.peers), int(st.PeersReady), a.skips, a.policySkipped, a.badPods)
 	if equality.Semantic.DeepEqual(&mn.Status, st) {
 		return nil
 	}
@@ -566,7 +639,7 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 }
 
 // setConditions sets Ready, Encrypted and Degraded on st.
-func setConditions(st *v1alpha1.MeshNodeStatus, mode v1alpha1.EncryptionMode, lastErr error, peers, ready int, skips []skip) {
+func setConditions(st *v1alpha1.MeshNodeStatus, mode v1alpha1.EncryptionMode, lastErr error, peers, ready int, skips []skip, badPolicies, badPods []string) {
 	cond := func(t string, ok bool, reason, msg string) {
 		s := metav1.ConditionFalse
 		if ok {
@@ -595,10 +668,15 @@ func setConditions(st *v1alpha1.MeshNodeStatus, mode v1alpha1.EncryptionMode, la
 			refused = append(refused, s.Node+": "+s.Reason)
 		}
 	}
-	if len(refused) > 0 {
+	switch {
+	case len(refused) > 0:
 		cond(v1alpha1.ConditionDegraded, true, "PeersRefused", strings.Join(refused, "; "))
-	} else {
-		cond(v1alpha1.ConditionDegraded, false, "AsExpected", "no peer refused")
+	case len(badPolicies) > 0:
+		cond(v1alpha1.ConditionDegraded, true, "PoliciesSkipped", strings.Join(badPolicies, "; "))
+	case len(badPods) > 0:
+		cond(v1alpha1.ConditionDegraded, true, "PodsWithoutIdentity", strings.Join(badPods, "; "))
+	default:
+		cond(v1alpha1.ConditionDegraded, false, "AsExpected", "no peer, policy or pod refused")
 	}
 }
 

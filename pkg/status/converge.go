@@ -17,9 +17,10 @@ type NodeProgress struct {
 }
 
 // Progress reports, per node, whether it has applied mode: for WireGuard, every other node
-// configured with its current key; for Disabled, no peers left. All nodes done means the
-// cluster has converged.
-func Progress(mode v1alpha1.EncryptionMode, nodes []v1alpha1.MeshNode) []NodeProgress {
+// configured with its current key; for Disabled, no peers left. expected are the cluster's
+// Kubernetes node names: a node whose agent has not published a MeshNode yet is not done.
+// All nodes done means the cluster has converged.
+func Progress(mode v1alpha1.EncryptionMode, nodes []v1alpha1.MeshNode, expected []string) []NodeProgress {
 	nodes = slices.Clone(nodes)
 	slices.SortFunc(nodes, func(a, b v1alpha1.MeshNode) int { return strings.Compare(a.Name, b.Name) })
 	byName := map[string]*v1alpha1.MeshNode{}
@@ -30,6 +31,12 @@ func Progress(mode v1alpha1.EncryptionMode, nodes []v1alpha1.MeshNode) []NodePro
 	for i := range nodes {
 		out = append(out, progress(mode, &nodes[i], nodes))
 	}
+	for _, name := range expected {
+		if byName[name] == nil {
+			out = append(out, NodeProgress{Node: name, Waiting: "agent has not published its MeshNode"})
+		}
+	}
+	slices.SortFunc(out, func(a, b NodeProgress) int { return strings.Compare(a.Node, b.Node) })
 	return out
 }
 

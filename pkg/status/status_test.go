@@ -134,16 +134,17 @@ func TestProgress(t *testing.T) {
 		node("b", keyB, v1alpha1.ModeWireGuard, peer("a", keyC, time.Time{})),
 		node("c", keyC, v1alpha1.ModeDisabled),
 	}
-	got := Progress(v1alpha1.ModeWireGuard, full)
+	got := Progress(v1alpha1.ModeWireGuard, full, []string{"a", "b", "c", "d"})
 	want := []NodeProgress{
 		{Node: "a", Waiting: "peers not configured: c"},
 		{Node: "b", Waiting: "peers not configured: a, c"},
 		{Node: "c", Waiting: `agent has applied "Disabled"`},
+		{Node: "d", Waiting: "agent has not published its MeshNode"},
 	}
 	if d := cmp.Diff(want, got); d != "" {
 		t.Errorf("(-want +got):\n%s", d)
 	}
-	got = Progress(v1alpha1.ModeDisabled, full)
+	got = Progress(v1alpha1.ModeDisabled, full, nil)
 	if !got[2].Done || got[0].Done {
 		t.Errorf("Disabled progress %+v: want only c done", got)
 	}

@@ -9,8 +9,10 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"time"
 
+	"github.com/meshcrypt/meshcrypt/tests/cluster"
 	"github.com/meshcrypt/meshcrypt/tests/controlplane"
 	"github.com/meshcrypt/meshcrypt/tests/netenv"
 )
@@ -25,6 +27,16 @@ func main() {
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "cleanup: namespaces:", err)
+	}
+	// A cluster's bpffs outlives it only when its run was killed: its namespaces are gone.
+	dirs, _ := os.ReadDir(cluster.BPFRoot)
+	for _, d := range dirs {
+		if _, err := os.Stat(filepath.Join("/run/netns", d.Name()+"-sw")); err == nil {
+			continue // still in use
+		}
+		if err := cluster.UnmountBPF(filepath.Join(cluster.BPFRoot, d.Name())); err != nil {
+			fmt.Fprintln(os.Stderr, "cleanup: bpffs:", err)
+		}
 	}
 	if err := controlplane.CleanupStale(""); err != nil {
 		fmt.Fprintln(os.Stderr, "cleanup: control planes:", err)

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -71,6 +72,7 @@ type Cluster struct {
 	Net    *netenv.Topology
 	Client client.Client
 	kube   kubernetes.Interface
+	bpfDir string
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -166,7 +168,31 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	}); err != nil {
 		return nil, err
 	}
+	// A bpffs of the cluster's own where agents pin classifier maps and links, as they would
+	// under /sys/fs/bpf (which `ip netns exec` hides by remounting /sys).
+	c.bpfDir = filepath.Join(BPFRoot, c.Net.Prefix())
+	if err := os.MkdirAll(c.bpfDir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := unix.Mount("bpf", c.bpfDir, "bpf", 0, "mode=0700"); err != nil {
+		return nil, fmt.Errorf("mount bpffs on %s: %w", c.bpfDir, err)
+	}
 	return c, nil
+}
+
+// BPFRoot holds one bpffs mount per running cluster, named after its namespace prefix.
+const BPFRoot = "/run/meshcrypt-bpf"
+
+// UnmountBPF unmounts and removes a cluster's bpffs directory (pinned maps and links go with
+// it once no process holds them).
+func UnmountBPF(dir string) error {
+	if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("unmount %s: %w", dir, err)
+	}
+	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
 }
 
 // StartT starts a cluster for a test: it fails the test on error, stops everything when the
@@ -300,14 +326,19 @@ func (c *Cluster) createNodeObject(ctx context.Context, nn *netenv.Node) error {
 	return nil
 }
 
-// AddPod creates a pod namespace on n and its Pod object with the pod's IPs.
+// AddPod creates a pod namespace on n and its Pod object (label app=<name>) with the pod's IPs.
 func (c *Cluster) AddPod(ctx context.Context, n *Node, name string) (*netenv.Pod, error) {
+	return c.AddPodLabels(ctx, n, name, map[string]string{"app": name})
+}
+
+// AddPodLabels is AddPod with the Pod's labels given.
+func (c *Cluster) AddPodLabels(ctx context.Context, n *Node, name string, labels map[string]string) (*netenv.Pod, error) {
 	p, err := c.Net.AddPod(ctx, n.Node, name)
 	if err != nil {
 		return nil, err
 	}
 	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default", Labels: map[string]string{"app": name}},
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default", Labels: labels},
 		Spec: corev1.PodSpec{
 			NodeName:   n.Name,
 			Containers: []corev1.Container{{Name: "app", Image: "meshcrypt.invalid/netns:none"}},
@@ -331,6 +362,9 @@ func (c *Cluster) AddPod(ctx context.Context, n *Node, name string) (*netenv.Pod
 	}
 	return p, nil
 }
+
+// BPFPinDir is where node's agent pins its classifier maps and links.
+func (c *Cluster) BPFPinDir(node string) string { return filepath.Join(c.bpfDir, node) }
 
 // RemoveNode stops the node's agent and WireGuard device, deletes its Node and MeshNode (as
 // the garbage collector would, through the MeshNode's owner reference) and its namespaces.
@@ -473,6 +507,7 @@ func (n *Node) StartAgent() error {
 		"--state-dir", n.StateDir,
 		"--wireguard-iface", n.Iface,
 		"--status-period", "1s",
+		"--bpf-pin-dir", n.c.bpfDir,
 	}, n.c.opts.AgentArgs...)
 	if n.c.opts.Backend != "" {
 		args = append(args, "--wireguard-backend", n.c.opts.Backend)
@@ -590,6 +625,9 @@ func (c *Cluster) Close() error {
 	// Killed userspace devices leave their UAPI socket files (a global path) behind.
 	for _, n := range nodes {
 		_ = os.Remove(wireguard.UAPISocketPath(n.Iface))
+	}
+	if c.bpfDir != "" {
+		errs = append(errs, UnmountBPF(c.bpfDir))
 	}
 	if c.CP != nil {
 		errs = append(errs, c.CP.Stop())

@@ -103,6 +103,11 @@ type MeshNodeStatus struct {
 	// Backend is the WireGuard implementation in use.
 	// +optional
 	Backend WireGuardBackend `json:"backend,omitempty"`
+	// AttachMode is how the policy classifier is attached to pod interfaces: tcx (Linux 6.6+)
+	// or tc (clsact qdisc with cls_bpf filters).
+	// +kubebuilder:validation:Enum=tcx;tc
+	// +optional
+	AttachMode string `json:"attachMode,omitempty"`
 	// TunnelMTU is the MTU of the node's WireGuard device: the underlay MTU less the
 	// tunnel overhead. Pod interfaces should not exceed it.
 	// +optional

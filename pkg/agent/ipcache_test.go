@@ -1,0 +1,44 @@
+package agent
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
+	"github.com/meshcrypt/meshcrypt/pkg/datapath"
+	"github.com/meshcrypt/meshcrypt/pkg/identity"
+)
+
+func TestIPCacheEntries(t *testing.T) {
+	a, p := netip.MustParseAddr, netip.MustParsePrefix
+	nodes := []v1alpha1.MeshNode{
+		meshNode("n1", key(t, 1), 1, []string{"10.77.0.11", "fd77::11"}, "10.244.1.0/24"),
+		meshNode("n2", key(t, 2), 1, []string{"10.77.0.12"}, "10.244.2.0/24", "fd44:0:0:2::/64"),
+		meshNode("n3", key(t, 3), 1, []string{"10.77.0.13"}, "10.244.3.0/24"),
+	}
+	pods := []podEntry{
+		{Name: "web", Node: "n1", IPs: []netip.Addr{a("10.244.1.10"), a("fd44:0:0:1::10")}, Identity: 300},
+		{Name: "db", Node: "n2", IPs: []netip.Addr{a("10.244.2.10")}, Identity: 301},
+		{Name: "cache", Node: "n3", IPs: []netip.Addr{a("10.244.3.10")}, Identity: 302},
+	}
+	remoteReady := datapath.IPCacheRemotePod | datapath.IPCacheTunnelReady
+	want := map[netip.Prefix]datapath.IPCacheEntry{
+		p("10.77.0.11/32"):      {Identity: uint32(identity.Host)},
+		p("fd77::11/128"):       {Identity: uint32(identity.Host)},
+		p("10.77.0.12/32"):      {Identity: uint32(identity.RemoteNode)},
+		p("10.77.0.13/32"):      {Identity: uint32(identity.RemoteNode)},
+		p("10.244.2.0/24"):      {Identity: uint32(identity.World), Flags: remoteReady},
+		p("fd44:0:0:2::/64"):    {Identity: uint32(identity.World), Flags: remoteReady},
+		p("10.244.3.0/24"):      {Identity: uint32(identity.World), Flags: datapath.IPCacheRemotePod},
+		p("10.244.1.10/32"):     {Identity: 300, Flags: datapath.IPCacheLocalPod},
+		p("fd44:0:0:1::10/128"): {Identity: 300, Flags: datapath.IPCacheLocalPod},
+		p("10.244.2.10/32"):     {Identity: 301, Flags: remoteReady},
+		p("10.244.3.10/32"):     {Identity: 302, Flags: datapath.IPCacheRemotePod}, // n3's tunnel is not ready
+	}
+	got := ipcacheEntries("n1", pods, nodes, map[string]bool{"n2": true})
+	if d := cmp.Diff(want, got, cmpNetip); d != "" {
+		t.Errorf("(-want +got):\n%s", d)
+	}
+}

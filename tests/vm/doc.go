@@ -1,0 +1,99 @@
+// Package vm runs Go tests inside a qemu VM with a full Debian kernel: the
+// "kernel suite". The build machines' kernel has no kernel WireGuard, no ESP and
+// no loadable modules; Debian's linux-image-<ver>-cloud-amd64 (6.1) has
+// wireguard.ko, esp4.ko, xfrm_user, cls_bpf, sch_ingress, GCM and BTF, but no
+// TCX, so the VM covers what the host skips and the legacy tc attach path.
+//
+// # Pieces
+//
+//   - [FetchKernel] asks apt which kernel linux-image-cloud-amd64 depends on,
+//     downloads it once (apt-get download), unpacks it (dpkg-deb -x), runs
+//     depmod, and caches it in ~/.cache/meshcrypt/vm/kernel/<package>_<version>.
+//     Without apt it falls back to the newest cached kernel.
+//   - [Build] compiles each [Test] package with `go test -c` (CGO_ENABLED=0,
+//     static, stripped, in parallel; the Go build cache makes rebuilds cheap),
+//     builds [Options.Programs] with `go build`, and writes the initramfs with
+//     [Archive] (a newc writer: no cpio tool, entries owned by root, the same
+//     bytes for the same inputs): busybox-static with every applet linked
+//     (/sbin/modprobe included, so the kernel autoloads crypto and qdisc
+//     modules), the modules of [DefaultModules] and [DefaultModuleDirs] with
+//     their dependencies and a modules.dep made for exactly them, host
+//     programs with their shared libraries ([Options.HostPrograms]: iproute2's
+//     ip for `ip netns exec`), each package's directory with its testdata
+//     (binaries run there, as under go test), and /init. The archive is left
+//     uncompressed: the guest kernel would spend emulated time on gunzip.
+//   - [Boot] runs qemu-system-x86_64 with TCG (KVM fails on the build
+//     machines), -cpu max, 2 vCPUs, 1 GiB, -no-reboot and panic=-1 (a guest
+//     panic ends qemu), in its own process group, killed when the context or
+//     [BootOptions.Timeout] (default 10 min) ends and, through Pdeathsig set
+//     from a goroutine locked to its thread for qemu's lifetime, when the
+//     test process dies. Boot-time files and environment (a kubeconfig for a
+//     control plane started after Build) go into a second archive appended to
+//     the initramfs.
+//   - /init mounts proc, sysfs, devtmpfs, devpts, tmpfs on /run, /tmp and
+//     /dev/shm (/var/run links to /run), bpffs on /sys/fs/bpf, cgroup2,
+//     debugfs and tracefs; loads the modules; optionally configures eth0;
+//     sets MESHCRYPT_VM=1; runs every test binary with -test.v=test2json,
+//     -test.timeout and -test.count=1; and powers off.
+//
+// # Results
+//
+// The guest has two serial ports: ttyS0 is the kernel console, ttyS1 carries
+// only the results. For each binary, /init writes a begin marker, the binary's
+// output, and an end marker with its exit status and the guest uptime (see
+// markerPrefix); markers carry a per-boot nonce from the kernel command line,
+// so test output cannot forge one. The host parses the stream as it arrives
+// (progress lines appear live), decodes each binary's output with
+// `go tool test2json`, and [Result.Report] mirrors every inner test as a host
+// subtest that passes, fails or skips as it did inside, with its output:
+// `go test -v ./tests/vm/` shows
+// TestKernelSuite/pkg/crypto/wireguard/TestKernelDevice. The suite fails when the
+// VM does not boot, times out or panics, a module does not load, a binary exits
+// non-zero without a failed test (a crash, a -test.timeout panic) or does not
+// finish, or a test named in [Test.MustRun] skips or does not run: the tests
+// the VM exists for must not skip there.
+//
+// Why a serial port and not a shared folder: the cloud kernel has no 9p
+// (CONFIG_NET_9P is not set) and virtio-fs needs a virtiofsd daemon on the
+// host; the 8250 UART is built in, needs nothing on either side, streams while
+// tests run, and what a binary wrote before a guest crash has already reached
+// the host. Output volume is small (kilobytes per package); a 16550 without
+// flow control moves megabytes per second under TCG.
+//
+// # End-to-end suites in the VM
+//
+// [BootOptions.Network] gives the guest eth0 on qemu's user network: 10.0.2.2
+// is the host's loopback, so a kube-apiserver listening on the host's
+// 127.0.0.1:PORT (tests/controlplane binds loopback only) is
+// https://10.0.2.2:PORT from the guest, and a kubeconfig from
+// ControlPlane.WriteKubeconfig for that server sets tls-server-name localhost,
+// which the serving certificate names. The guest has no default route: nothing
+// beyond the host is reachable. TestAgentsInVM runs this path today: etcd and
+// kube-apiserver on the host, the CRDs and a MeshConfig applied from the host;
+// in the VM (tests/vm/internal/guestagent) two tests/netenv nodes with pods, a
+// ForwardTCP from each node namespace to 10.0.2.2:PORT, the real
+// meshcrypt-agent ([Options.Programs]) forced onto kernel WireGuard in each, a
+// full-size ping both ways between the pods; the host then reads the MeshNodes
+// the agents published (backend kernel).
+//
+// Running tests/e2e itself in the VM needs one change outside this package:
+// tests/cluster starts its own control plane (controlplane.Start) and applies
+// manifests from the source tree. It should accept an external control plane
+// instead, e.g. when $MESHCRYPT_KUBECONFIG names an admin kubeconfig: build
+// the clients from it, take the API server's address for the node forwarders
+// from its server URL, skip ApplyCRDs (the host applies manifests before
+// booting) and skip stopping the control plane in Close. The e2e binary then
+// runs in the VM unchanged: the host starts the control plane, applies
+// manifests/crds, rbac and admission, writes the kubeconfig for
+// https://10.0.2.2:PORT, builds an image with Tests tests/e2e, Programs
+// cmd/meshcrypt-agent and cmd/meshcrypt, HostPrograms ip (and iperf3 for the
+// benchmarks), and boots it with Network, the kubeconfig as a boot file, and
+// MESHCRYPT_BIN_DIR=/usr/local/bin. Agent tokens (cluster.AgentToken) work
+// unchanged over that connection. One VM runs one cluster at a time: the
+// guest kernel is shared by every node namespace, as on the host.
+//
+// This package is test infrastructure: it must not import any meshcrypt
+// package under pkg/ or cmd/ (its tests do), so the harness never depends on
+// the code it tests. The Debian packages it needs (qemu-system-x86,
+// busybox-static, kmod) are installed by hack/vm-deps.sh.
+package vm

@@ -1,0 +1,498 @@
+package vm
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"io/fs"
+	"maps"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+// cpioEntry is one record read back from a newc archive.
+type cpioEntry struct {
+	Path string
+	Mode uint32
+	Data string
+}
+
+// readNewc parses concatenated newc archives (as the kernel does) and
+// returns their entries in order; later archives follow earlier ones.
+func readNewc(t *testing.T, b []byte) []cpioEntry {
+	t.Helper()
+	var out []cpioEntry
+	off := 0
+	align := func(n int) int { return (n + 3) &^ 3 }
+	for off < len(b) {
+		if len(b)-off < 110 || string(b[off:off+6]) != "070701" {
+			t.Fatalf("offset %d: no newc header", off)
+		}
+		field := func(i int) int {
+			v, err := strconv.ParseUint(string(b[off+6+8*i:off+14+8*i]), 16, 32)
+			if err != nil {
+				t.Fatalf("offset %d field %d: %v", off, i, err)
+			}
+			return int(v)
+		}
+		mode, uid, gid, size, namesize := field(1), field(2), field(3), field(6), field(11)
+		if uid != 0 || gid != 0 {
+			t.Errorf("offset %d: owner %d:%d, want root", off, uid, gid)
+		}
+		name := string(b[off+110 : off+110+namesize-1])
+		dataOff := align(off + 110 + namesize)
+		data := b[dataOff : dataOff+size]
+		off = align(dataOff + size)
+		if name == "TRAILER!!!" {
+			continue
+		}
+		out = append(out, cpioEntry{Path: name, Mode: uint32(mode), Data: string(data)})
+	}
+	return out
+}
+
+func TestArchive(t *testing.T) {
+	src := t.TempDir()
+	if err := os.WriteFile(filepath.Join(src, "prog"), []byte("#!/bin/sh\necho hi\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(src, "tree", "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(src, "tree", "sub", "f"), []byte("12345"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("sub/f", filepath.Join(src, "tree", "link")); err != nil {
+		t.Fatal(err)
+	}
+	var a Archive
+	a.Bytes("/etc/hosts", []byte("127.0.0.1 localhost\n"), 0o644)
+	a.Symlink("var/run", "../run")
+	a.Dir("tmp", fs.ModeSticky|0o777)
+	if err := a.File("usr/bin/prog", filepath.Join(src, "prog")); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Tree("opt/t", filepath.Join(src, "tree")); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.File("nope", filepath.Join(src, "missing")); err == nil {
+		t.Error("File of a missing source succeeded")
+	}
+	var buf bytes.Buffer
+	n, err := a.WriteTo(&buf)
+	if err != nil || n != int64(buf.Len()) || n%4 != 0 {
+		t.Fatalf("WriteTo = %d, %v (buffer %d bytes); want all bytes, a multiple of 4", n, err, buf.Len())
+	}
+	want := []cpioEntry{
+		{"etc", 0o40755, ""},
+		{"etc/hosts", 0o100644, "127.0.0.1 localhost\n"},
+		{"opt", 0o40755, ""},
+		{"opt/t", 0o40755, ""},
+		{"opt/t/link", 0o120777, "sub/f"},
+		{"opt/t/sub", 0o40755, ""},
+		{"opt/t/sub/f", 0o100600, "12345"},
+		{"tmp", 0o41777, ""},
+		{"usr", 0o40755, ""},
+		{"usr/bin", 0o40755, ""},
+		{"usr/bin/prog", 0o100755, "#!/bin/sh\necho hi\n"},
+		{"var", 0o40755, ""},
+		{"var/run", 0o120777, "../run"},
+	}
+	if diff := cmp.Diff(want, readNewc(t, buf.Bytes())); diff != "" {
+		t.Errorf("archive (-want +got):\n%s", diff)
+	}
+	if a.Size() != int64(len("127.0.0.1 localhost\n")+len("#!/bin/sh\necho hi\n")+5) {
+		t.Errorf("Size = %d", a.Size())
+	}
+	// The same inputs give the same bytes.
+	var again bytes.Buffer
+	a.WriteTo(&again)
+	if !bytes.Equal(buf.Bytes(), again.Bytes()) {
+		t.Error("writing the archive twice gave different bytes")
+	}
+	// GNU cpio, if present, agrees on the listing.
+	if _, err := exec.LookPath("cpio"); err == nil {
+		cmd := exec.Command("cpio", "-it", "--quiet")
+		cmd.Stdin = bytes.NewReader(buf.Bytes())
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("cpio -it: %v", err)
+		}
+		var names []string
+		for _, e := range want {
+			names = append(names, e.Path)
+		}
+		if diff := cmp.Diff(names, strings.Fields(string(out))); diff != "" {
+			t.Errorf("cpio -it listing (-want +got):\n%s", diff)
+		}
+	}
+}
+
+func TestShellQuote(t *testing.T) {
+	for in, want := range map[string]string{
+		"plain":                      "plain",
+		"/tests/a_b.test":            "/tests/a_b.test",
+		"-test.run=^TestX$":          `'-test.run=^TestX$'`,
+		"":                           "''",
+		"it's":                       `'it'\''s'`,
+		"two words":                  "'two words'",
+		"-test.timeout=5m0s":         "-test.timeout=5m0s",
+		"$(reboot)":                  "'$(reboot)'",
+		"pkg/crypto/wireguard,x+y:z": "pkg/crypto/wireguard,x+y:z",
+	} {
+		if got := shellQuote(in); got != want {
+			t.Errorf("shellQuote(%q) = %s, want %s", in, got, want)
+		}
+		out, err := exec.Command("sh", "-c", "printf %s "+shellQuote(in)).Output()
+		if err != nil || string(out) != in {
+			t.Errorf("sh reads %s as %q (%v), want %q", shellQuote(in), out, err, in)
+		}
+	}
+}
+
+func TestRenderInit(t *testing.T) {
+	tests := []*builtTest{
+		{Test: Test{Args: []string{"-test.run=^TestA$|^TestB$", "-test.short"}}, Name: "pkg/a", file: "pkg_a.test"},
+		{Test: Test{Timeout: time.Minute}, Name: "pkg/b", file: "pkg_b.test"},
+	}
+	sh, err := renderInit([]string{"wireguard", "esp4"}, tests)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"for m in wireguard esp4; do",
+		"run pkg/a /src/pkg/a /tests/pkg_a.test -test.v=test2json -test.timeout=5m0s -test.count=1 '-test.run=^TestA$|^TestB$' -test.short\n",
+		"run pkg/b /src/pkg/b /tests/pkg_b.test -test.v=test2json -test.timeout=1m0s -test.count=1\n",
+		"MESHCRYPT_VM=1",
+		"exec 3>/dev/ttyS1",
+		"poweroff -f",
+	} {
+		if !bytes.Contains(sh, []byte(want)) {
+			t.Errorf("init script lacks %q:\n%s", want, sh)
+		}
+	}
+	p := filepath.Join(t.TempDir(), "init")
+	os.WriteFile(p, sh, 0o755)
+	if out, err := exec.Command("sh", "-n", p).CombinedOutput(); err != nil {
+		t.Errorf("sh -n init: %v\n%s", err, out)
+	}
+}
+
+func TestQemuArgs(t *testing.T) {
+	args := strings.Join(qemuArgs("/k", "/i", "n0nce", BootOptions{}), " ")
+	for _, want := range []string{"-accel tcg", "-cpu max", "-smp 2", "-m 1024", "-no-reboot", "-kernel /k", "-initrd /i",
+		"-serial chardev:console -serial chardev:results", "meshcrypt.nonce=n0nce", "panic=-1"} {
+		if !strings.Contains(args, want) {
+			t.Errorf("qemu args lack %q: %s", want, args)
+		}
+	}
+	if strings.Contains(args, "-netdev") || strings.Contains(args, "meshcrypt.net") {
+		t.Errorf("qemu args without forwards have a network: %s", args)
+	}
+	args = strings.Join(qemuArgs("/k", "/i", "n", BootOptions{Memory: 2048, CPUs: 1, Append: "foo=bar", Network: true}), " ")
+	for _, want := range []string{"-m 2048", "-smp 1", "meshcrypt.net=1", "foo=bar",
+		"-netdev user,id=net0", "-device virtio-net-pci,netdev=net0"} {
+		if !strings.Contains(args, want) {
+			t.Errorf("qemu args lack %q: %s", want, args)
+		}
+	}
+}
+
+func TestResolveModules(t *testing.T) {
+	dir := t.TempDir()
+	dep := `kernel/drivers/net/wireguard/wireguard.ko: kernel/net/ipv4/udp_tunnel.ko kernel/lib/crypto/libchacha.ko
+kernel/net/ipv4/udp_tunnel.ko:
+kernel/lib/crypto/libchacha.ko:
+kernel/crypto/ghash-generic.ko:
+kernel/crypto/gcm.ko:
+kernel/net/sched/sch_netem.ko:
+kernel/net/sched/cls_bpf.ko: kernel/lib/crypto/libchacha.ko
+kernel/drivers/net/veth.ko:
+`
+	os.WriteFile(filepath.Join(dir, "modules.dep"), []byte(dep), 0o644)
+	os.WriteFile(filepath.Join(dir, "modules.builtin"), []byte("kernel/crypto/aes_generic.ko\n"), 0o644)
+	for _, f := range []string{"kernel/net/sched/sch_netem.ko", "kernel/net/sched/cls_bpf.ko", "kernel/net/sched/not-in-dep.txt"} {
+		os.MkdirAll(filepath.Join(dir, filepath.Dir(f)), 0o755)
+		os.WriteFile(filepath.Join(dir, f), nil, 0o644)
+	}
+	idx, err := loadModuleIndex(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	set, err := resolveModules(dir, idx, []string{"wireguard", "ghash-generic", "aes_generic", "wireguard"}, []string{"kernel/net/sched"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := &moduleSet{
+		load:    []string{"wireguard", "ghash_generic"},
+		builtin: []string{"aes_generic"},
+		files: []string{"kernel/crypto/ghash-generic.ko", "kernel/drivers/net/wireguard/wireguard.ko", "kernel/lib/crypto/libchacha.ko",
+			"kernel/net/ipv4/udp_tunnel.ko", "kernel/net/sched/cls_bpf.ko", "kernel/net/sched/sch_netem.ko"},
+	}
+	if diff := cmp.Diff(want, set, cmp.AllowUnexported(moduleSet{})); diff != "" {
+		t.Errorf("resolveModules (-want +got):\n%s", diff)
+	}
+	if _, err := resolveModules(dir, idx, []string{"nosuchmod"}, nil); err == nil || !strings.Contains(err.Error(), "nosuchmod") {
+		t.Errorf("unknown module: %v, want an error naming it", err)
+	}
+}
+
+func TestHostFiles(t *testing.T) {
+	files, err := hostFiles("sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hasBase := func(name string) bool {
+		return slices.ContainsFunc(files, func(f string) bool { return filepath.Base(f) == name })
+	}
+	if !hasBase("libc.so.6") || !hasBase("ld-linux-x86-64.so.2") {
+		t.Errorf("hostFiles(sh) = %q, want libc and the loader", files)
+	}
+	if _, err := hostFiles("no-such-program-xyz"); err == nil {
+		t.Error("hostFiles of a missing program succeeded")
+	}
+}
+
+func TestParser(t *testing.T) {
+	const nonce = "abc"
+	stream := strings.Join([]string{
+		"",
+		"@@meshcrypt-vm abc module-error esp9",
+		"@@meshcrypt-vm abc boot 2.50\r",
+		"",
+		"@@meshcrypt-vm abc begin pkg/a 2.60",
+		"line 1",
+		"",
+		"line 3 after a blank line",
+		"@@meshcrypt-vm forged end pkg/a 0 9.99",
+		"no newline@@meshcrypt-vm abc end pkg/a 1 4.10",
+		"",
+		"@@meshcrypt-vm abc begin pkg/b 4.20",
+		"partial output",
+	}, "\n")
+	res, err := ParseResults(strings.NewReader(stream), nonce, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Booted || res.Done || res.GuestBootUptime != 2500*time.Millisecond {
+		t.Errorf("booted %t done %t uptime %s; want booted at 2.5s, not done", res.Booted, res.Done, res.GuestBootUptime)
+	}
+	if diff := cmp.Diff([]string{"esp9"}, res.ModuleErrors); diff != "" {
+		t.Errorf("ModuleErrors (-want +got):\n%s", diff)
+	}
+	want := []*BinaryResult{
+		{Name: "pkg/a", Ended: true, Exit: 1, Elapsed: 1500 * time.Millisecond,
+			Output: []byte("line 1\n\nline 3 after a blank line\n@@meshcrypt-vm forged end pkg/a 0 9.99\nno newline\n")},
+		{Name: "pkg/b", Output: []byte("partial output\n")},
+	}
+	if diff := cmp.Diff(want, res.Binaries); diff != "" {
+		t.Errorf("binaries (-want +got):\n%s", diff)
+	}
+	if p := res.Problems(); len(p) != 1 || !strings.Contains(p[0], "esp9") {
+		t.Errorf("Problems = %q, want the module error", p)
+	}
+	pr := &PackageResult{Binary: res.Binaries[1]}
+	if p := res.PackageProblems("pkg/b", pr); len(p) != 1 || !strings.Contains(p[0], "did not finish") {
+		t.Errorf("PackageProblems(unfinished) = %q", p)
+	}
+	pr = &PackageResult{Binary: res.Binaries[0]}
+	if p := res.PackageProblems("pkg/a", pr); len(p) != 1 || !strings.Contains(p[0], "exited with status 1 and no failed test") {
+		t.Errorf("PackageProblems(exit 1 without failures) = %q", p)
+	}
+	if p := res.PackageProblems("pkg/never", &PackageResult{}); len(p) != 1 || !strings.Contains(p[0], "never started") {
+		t.Errorf("PackageProblems(never started) = %q", p)
+	}
+}
+
+func TestDecodeEvents(t *testing.T) {
+	var js strings.Builder
+	ev := func(action, test, output string) {
+		fmt.Fprintf(&js, `{"Action":%q,"Test":%q,"Output":%q,"Elapsed":0.5}`+"\n", action, test, output)
+	}
+	ev("run", "TestA", "")
+	ev("output", "TestA", "=== RUN   TestA\n")
+	ev("output", "TestA", "    a_test.go:1: hi\n")
+	ev("run", "TestA/x/y", "")
+	ev("run", "TestA/x/y/z", "")
+	ev("pass", "TestA/x/y/z", "")
+	ev("skip", "TestA/x/y", "")
+	ev("fail", "TestA", "")
+	ev("run", "TestB", "")
+	ev("output", "", "FAIL\n")
+	top, pkg, err := decodeEvents([]byte(js.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []*TestResult{
+		{Name: "TestA", Action: "fail", Elapsed: 500 * time.Millisecond, Output: []string{"    a_test.go:1: hi"}, Subtests: []*TestResult{
+			{Name: "TestA/x/y", Action: "skip", Elapsed: 500 * time.Millisecond, Subtests: []*TestResult{
+				{Name: "TestA/x/y/z", Action: "pass", Elapsed: 500 * time.Millisecond},
+			}},
+		}},
+		{Name: "TestB"},
+	}
+	if diff := cmp.Diff(want, top); diff != "" {
+		t.Errorf("tests (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff([]string{"FAIL"}, pkg); diff != "" {
+		t.Errorf("package output (-want +got):\n%s", diff)
+	}
+	if !top[0].failed() || !top[1].failed() || top[0].Subtests[0].failed() {
+		t.Error("failed(): want TestA (fail) and TestB (unfinished) failed, TestA/x/y (skip) not")
+	}
+}
+
+func TestParseApt(t *testing.T) {
+	deps := "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n  Depends: other\n"
+	if got := parseDepends([]byte(deps), "linux-image-"); got != "linux-image-6.1.0-56-cloud-amd64" {
+		t.Errorf("parseDepends = %q", got)
+	}
+	show := "Package: linux-image-6.1.0-56-cloud-amd64\nSource: linux-signed-amd64 (6.1.192+2)\nVersion: 6.1.192-2\n"
+	if got := parseField([]byte(show), "Version"); got != "6.1.192-2" {
+		t.Errorf("parseField = %q", got)
+	}
+}
+
+// TestImageContents builds an image (fetching the kernel into the cache if
+// needed) without booting it and checks what the guest will find.
+func TestImageContents(t *testing.T) {
+	if testing.Short() {
+		t.Skip("downloads the kernel package on first use")
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	defer cancel()
+	img, err := Build(ctx, Options{
+		Tests:        []Test{{Package: "tests/vm/internal/selftest"}},
+		HostPrograms: []string{"sh"},
+		Files:        []File{{Path: "/etc/meshcrypt/extra", Data: []byte("x")}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	data, err := os.ReadFile(img.Initrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries := map[string]cpioEntry{}
+	for _, e := range readNewc(t, data) {
+		entries[e.Path] = e
+	}
+	rel := img.Kernel.Release
+	mod := "lib/modules/" + rel + "/"
+	for p, check := range map[string]func(e cpioEntry) bool{
+		"init":                func(e cpioEntry) bool { return e.Mode == 0o100755 && strings.HasPrefix(e.Data, "#!/bin/sh") },
+		"bin/busybox":         func(e cpioEntry) bool { return e.Mode&0o111 != 0 },
+		"sbin/modprobe":       func(e cpioEntry) bool { return e.Mode == 0o120777 && e.Data == "/bin/busybox" },
+		"bin/sh":              func(e cpioEntry) bool { return e.Data == "/bin/busybox" },
+		"var/run":             func(e cpioEntry) bool { return e.Data == "../run" },
+		"tmp":                 func(e cpioEntry) bool { return e.Mode == 0o41777 },
+		"etc/passwd":          func(e cpioEntry) bool { return strings.HasPrefix(e.Data, "root:x:0:0:") },
+		"etc/meshcrypt/extra": func(e cpioEntry) bool { return e.Data == "x" },
+		"tests/tests_vm_internal_selftest.test": func(e cpioEntry) bool {
+			return strings.HasPrefix(e.Data, "\x7fELF")
+		},
+		"src/tests/vm/internal/selftest":                  func(e cpioEntry) bool { return e.Mode == 0o40755 },
+		mod + "kernel/drivers/net/wireguard/wireguard.ko": func(e cpioEntry) bool { return strings.HasPrefix(e.Data, "\x7fELF") },
+		mod + "kernel/net/sched/sch_netem.ko":             func(e cpioEntry) bool { return true },
+		mod + "kernel/drivers/net/virtio_net.ko":          func(e cpioEntry) bool { return true },
+		mod + "modules.dep": func(e cpioEntry) bool {
+			return strings.Contains(e.Data, "kernel/drivers/net/wireguard/wireguard.ko: ") && !strings.Contains(e.Data, "kernel/fs/")
+		},
+		mod + "modules.alias":            func(e cpioEntry) bool { return strings.Contains(e.Data, "alias crypto-gcm gcm") },
+		"lib/x86_64-linux-gnu/libc.so.6": func(e cpioEntry) bool { return strings.HasPrefix(e.Data, "\x7fELF") },
+	} {
+		e, ok := entries[p]
+		if !ok {
+			t.Errorf("initramfs lacks %s", p)
+			continue
+		}
+		if !check(e) {
+			t.Errorf("initramfs %s: mode %o, data %.80q: unexpected", p, e.Mode, e.Data)
+		}
+	}
+	if !slices.Equal(img.Files, slices.Sorted(maps.Keys(entries))) {
+		t.Errorf("Image.Files differs from the archive's paths")
+	}
+	t.Logf("initramfs: %d entries, %d MiB", len(entries), len(data)>>20)
+
+	// Boot-time files and environment go into an appended archive.
+	dst := filepath.Join(t.TempDir(), "initrd")
+	if _, err := bootInitrd(img.Initrd, dst, BootOptions{Env: map[string]string{"B": "it's", "A": "1"},
+		Files: []File{{Path: "/etc/kubeconfig", Data: []byte("k"), Mode: 0o600}}}); err != nil {
+		t.Fatal(err)
+	}
+	combined, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.HasPrefix(combined, data) {
+		t.Fatal("boot initrd does not start with the image's")
+	}
+	extra := readNewc(t, combined[len(data):])
+	wantExtra := []cpioEntry{
+		{"etc", 0o40755, ""},
+		{"etc/kubeconfig", 0o100600, "k"},
+		{"etc/meshcrypt-vm", 0o40755, ""},
+		{"etc/meshcrypt-vm/env", 0o100644, "export A=1\nexport B='it'\\''s'\n"},
+	}
+	if diff := cmp.Diff(wantExtra, extra); diff != "" {
+		t.Errorf("boot archive (-want +got):\n%s", diff)
+	}
+}
+
+var _ io.WriterTo = (*Archive)(nil)
+
+// TestDeps guards the boundary stated in doc.go: the harness imports no
+// meshcrypt package under pkg/ or cmd/.
+func TestDeps(t *testing.T) {
+	out, err := exec.Command(goTool(), "list", "-deps", ".").Output()
+	if err != nil {
+		t.Fatalf("go list -deps: %v", err)
+	}
+	for dep := range strings.FieldsSeq(string(out)) {
+		if strings.HasPrefix(dep, "github.com/meshcrypt/meshcrypt/pkg/") || strings.HasPrefix(dep, "github.com/meshcrypt/meshcrypt/cmd/") {
+			t.Errorf("tests/vm depends on %s", dep)
+		}
+	}
+}
+
+func TestCleanupStale(t *testing.T) {
+	dead := exec.Command("true")
+	if err := dead.Run(); err != nil {
+		t.Fatal(err)
+	}
+	mine, err := ownedTempDir("meshcrypt-vm-test-*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(mine)
+	stale, err := ownedTempDir("meshcrypt-vm-test-*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(stale)
+	os.WriteFile(filepath.Join(stale, ownerFile), []byte(strconv.Itoa(dead.Process.Pid)), 0o644)
+	foreign, err := os.MkdirTemp("", "meshcrypt-vm-test-*") // no owner file: left alone
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(foreign)
+	if err := CleanupStale(); err != nil {
+		t.Fatal(err)
+	}
+	for d, want := range map[string]bool{mine: true, stale: false, foreign: true} {
+		if got := isDir(d); got != want {
+			t.Errorf("%s exists = %t after CleanupStale, want %t", d, got, want)
+		}
+	}
+}
