@@ -3,6 +3,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -18,7 +19,9 @@ import (
 
 func main() {
 	if err := newRootCmd().Execute(); err != nil {
-		fmt.Fprintln(os.Stderr, "meshcrypt:", err)
+		if !errors.Is(err, errVerdict) {
+			fmt.Fprintln(os.Stderr, "meshcrypt:", err)
+		}
 		os.Exit(1)
 	}
 }
@@ -70,6 +73,6 @@ func newRootCmd() *cobra.Command {
 	}
 	cmd.PersistentFlags().StringVar(&g.kubeconfig, "kubeconfig", "", "kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
 	cmd.PersistentFlags().StringVar(&g.context, "context", "", "kubeconfig context to use")
-	cmd.AddCommand(newStatusCmd(g), newEncryptionCmd(g))
+	cmd.AddCommand(newStatusCmd(g), newEncryptionCmd(g), newIdentitiesCmd(g), newPolicyCmd(g))
 	return cmd
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -158,6 +159,22 @@ func testPolicy(t *testing.T, attach string) {
 		t.Fatal(err)
 	}
 	eventually(t, "policy added: other -> db denied", func() bool { return !reaches(other, db, 7100, m, time.Second) })
+
+	t.Run("the CLI explains the verdicts", func(t *testing.T) {
+		out, err := c.Run(ctx, "meshcrypt", "policy", "check", "--from", "default/web", "--to", "default/db", "--port", "7100/UDP")
+		if err != nil || !strings.HasPrefix(out, "ALLOWED") || !strings.Contains(out, "ingress of default/db: allowed by default/db ingress[0]") {
+			t.Errorf("policy check web -> db: err %v\n%s", err, out)
+		}
+		out, err = c.Run(ctx, "meshcrypt", "policy", "check", "--from", "default/other", "--to", "default/db", "--port", "7100/UDP")
+		if err == nil || !strings.HasPrefix(out, "DENIED") || !strings.Contains(out, "default-deny (selected by default/db)") {
+			t.Errorf("policy check other -> db: want exit 1 and DENIED by default-deny; err %v\n%s", err, out)
+		}
+		t.Logf("meshcrypt policy check --from default/other --to default/db --port 7100/UDP:\n%s", out)
+		out, err = c.Run(ctx, "meshcrypt", "identities")
+		if err != nil || !strings.Contains(out, "app=web") || !strings.Contains(out, "meshcrypt.io/namespace=default") {
+			t.Errorf("identities: err %v\n%s", err, out)
+		}
+	})
 
 	t.Run("allowed flow passes and stays encrypted", func(t *testing.T) {
 		cp := capture(t, c, m)
