@@ -129,10 +129,23 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *p, __u
 		return PARSE_OK;
 	}
 	case IPPROTO_ICMP:
-	case IPPROTO_ICMPV6:
 		if (off + ICMP_MIN_LEN > p->len)
 			return PARSE_MALFORMED;
 		return PARSE_OK;
+	case IPPROTO_ICMPV6: {
+		__u8 type;
+
+		if (off + ICMP_MIN_LEN > p->len)
+			return PARSE_MALFORMED;
+		if (bpf_skb_load_bytes(skb, off, &type, 1) < 0)
+			return PARSE_MALFORMED;
+		/* Neighbour discovery (router/neighbour solicitation and advertisement, redirect:
+		 * types 133-137) is IPv6's ARP: it passes like ARP, or default-deny egress would
+		 * cut an IPv6 pod off its gateway. */
+		if (type >= 133 && type <= 137)
+			return PARSE_NON_IP;
+		return PARSE_OK;
+	}
 	default:
 		return PARSE_OK;
 	}

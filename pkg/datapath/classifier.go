@@ -110,7 +110,8 @@ const (
 	ReasonDropNotEncrypted Reason = 3
 	// ReasonDropMalformed: dropped, too short for the headers it claims.
 	ReasonDropMalformed Reason = 4
-	// ReasonPassNonIP: passed, not IPv4 or IPv6 (ARP and the like).
+	// ReasonPassNonIP: passed, not IPv4 or IPv6 (ARP and the like), or IPv6 neighbour
+	// discovery (ICMPv6 types 133-137), which is IPv6's ARP.
 	ReasonPassNonIP Reason = 5
 	// ReasonAllowedNoPolicy: allowed because neither side is default-deny.
 	ReasonAllowedNoPolicy Reason = 6

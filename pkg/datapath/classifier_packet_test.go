@@ -307,9 +307,16 @@ func modelParse(b []byte) (modelPacket, parseKind) {
 			return p, parsedMalformed
 		}
 		p.Dport = binary.BigEndian.Uint16(rest[2:])
-	case protoICMP, protoICMPv6:
+	case protoICMP:
 		if len(rest) < 8 {
 			return p, parsedMalformed
+		}
+	case protoICMPv6:
+		if len(rest) < 8 {
+			return p, parsedMalformed
+		}
+		if rest[0] >= 133 && rest[0] <= 137 {
+			return p, parsedNonIP // neighbour discovery passes like ARP
 		}
 	}
 	return p, parsedIP

@@ -272,6 +272,14 @@ func verdictCases() []verdictCase {
 		// Parsing.
 		{name: "arp-passes", enforce: aEgressDeny, frame: arpFrame(), want: ReasonPassNonIP},
 		{name: "arp-passes-to-pod", toPod: true, enforce: bIngressDeny, frame: arpFrame(), want: ReasonPassNonIP},
+		// IPv6 neighbour discovery to the gateway's multicast group (world) passes under
+		// default-deny egress, like ARP; an echo request to the same address does not.
+		{name: "ndp-neighbour-solicitation-passes", enforce: aEgressDeny,
+			pkt: testPacket{Src: podA6, Dst: netip.MustParseAddr("ff02::1:ff00:1"), Proto: protoICMPv6, L4: []byte{135, 0, 0, 0, 0, 0, 0, 0, 0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}}, want: ReasonPassNonIP},
+		{name: "ndp-router-solicitation-passes", enforce: aEgressDeny,
+			pkt: testPacket{Src: podA6, Dst: netip.MustParseAddr("ff02::2"), Proto: protoICMPv6, L4: []byte{133, 0, 0, 0, 0, 0, 0, 0}}, want: ReasonPassNonIP},
+		{name: "icmpv6-echo-to-world-denied", enforce: aEgressDeny,
+			pkt: testPacket{Src: podA6, Dst: netip.MustParseAddr("ff02::1:ff00:1"), Proto: protoICMPv6}, want: ReasonDeniedEgress},
 		{name: "ethernet-only-v4", frame: testPacket{Src: podA4, Dst: podB4, Proto: protoUDP}.bytes()[:14], want: ReasonDropMalformed},
 		{name: "truncated-v4-header", pkt: testPacket{Src: podA4, Dst: podB4, Proto: protoUDP, L4: []byte{}, Cut: 5}, want: ReasonDropMalformed},
 		{name: "ihl-below-5", pkt: testPacket{Src: podA4, Dst: podB4, Proto: protoUDP, IHL: 4}, want: ReasonDropMalformed},
