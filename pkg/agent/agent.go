@@ -495,11 +495,21 @@ func (a *Agent) reconcile(ctx context.Context) error {
 
 	cfg := wireguard.Config{PrivateKey: a.key, ListenPort: a.opts.WireGuard.ListenPort}
 	route := datapath.RouteConfig{Device: a.dev.Name(), Table: a.opts.RouteTable, RulePriority: a.opts.RulePriority}
+	plan, err := a.planPolicy(ctx)
+	if err != nil {
+		return err
+	}
 	var wst wireguard.PlanStats
 	var rst datapath.RouteStats
 	switch mode {
 	case v1alpha1.ModeWireGuard:
-		// Peers before routes: a route never points at a device without its peer.
+		// The classifier first stops calling a changing tunnel ready, so traffic that must
+		// be encrypted is dropped rather than sent while it changes; then peers before
+		// routes, so a route never points at a device without its peer; then the new
+		// tunnels are called ready.
+		if err := a.applyPolicy(ctx, plan, list.Items, stillReady(a.peers, peers)); err != nil {
+			return err
+		}
 		cfg.Peers = peers
 		route.Prefixes = routePrefixes(peers)
 		if wst, err = a.applyDevice(ctx, cfg); err != nil {
@@ -508,22 +518,26 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		if rst, err = a.routes.Apply(ctx, route); err != nil {
 			return fmt.Errorf("configure tunnel routes: %w", err)
 		}
+		a.peers = peers
+		if err := a.applyPolicy(ctx, plan, list.Items, readyNodes(peers)); err != nil {
+			return err
+		}
 	default:
-		// Routes before peers: traffic leaves the tunnel for the underlay routes first.
+		// No tunnel is ready any more before any goes: then routes before peers, so
+		// traffic leaves the tunnel for the underlay routes first.
+		if err := a.applyPolicy(ctx, plan, list.Items, nil); err != nil {
+			return err
+		}
 		if rst, err = a.routes.Apply(ctx, route); err != nil {
 			return fmt.Errorf("remove tunnel routes: %w", err)
 		}
 		if wst, err = a.applyDevice(ctx, cfg); err != nil {
 			return fmt.Errorf("remove WireGuard peers: %w", err)
 		}
-		peers = nil
-	}
-	a.peers = peers
-	if err := a.reconcilePolicy(ctx, mode, peers, list.Items); err != nil {
-		return err
+		a.peers = nil
 	}
 	if a.applied != mode {
-		a.log.Info("encryption mode applied", "mode", mode, "peers", len(peers))
+		a.log.Info("encryption mode applied", "mode", mode, "peers", len(a.peers))
 		a.applied = mode
 	}
 	if wst != (wireguard.PlanStats{}) || rst != (datapath.RouteStats{}) {

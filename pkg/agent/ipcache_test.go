@@ -7,6 +7,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
+	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
 	"github.com/meshcrypt/meshcrypt/pkg/datapath"
 	"github.com/meshcrypt/meshcrypt/pkg/identity"
 )
@@ -40,5 +41,18 @@ func TestIPCacheEntries(t *testing.T) {
 	got := ipcacheEntries("n1", pods, nodes, map[string]bool{"n2": true})
 	if d := cmp.Diff(want, got, cmpNetip); d != "" {
 		t.Errorf("(-want +got):\n%s", d)
+	}
+}
+
+func TestStillReady(t *testing.T) {
+	p := netip.MustParsePrefix
+	a := wireguard.Peer{Name: "a", PublicKey: key(t, 1), AllowedIPs: []netip.Prefix{p("10.244.1.0/24")}}
+	b := wireguard.Peer{Name: "b", PublicKey: key(t, 2), AllowedIPs: []netip.Prefix{p("10.244.2.0/24")}}
+	bRekeyed := b
+	bRekeyed.PublicKey = key(t, 9)
+	c := wireguard.Peer{Name: "c", PublicKey: key(t, 3)}
+	got := stillReady([]wireguard.Peer{a, b}, []wireguard.Peer{a, bRekeyed, c})
+	if d := cmp.Diff(map[string]bool{"a": true}, got); d != "" {
+		t.Errorf("only unchanged peers stay ready while a change applies (-want +got):\n%s", d)
 	}
 }

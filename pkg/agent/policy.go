@@ -41,15 +41,22 @@ func managedPod(pod *corev1.Pod) bool {
 		pod.Status.Phase != corev1.PodSucceeded && pod.Status.Phase != corev1.PodFailed
 }
 
-// reconcilePolicy gives every pod its identity, then makes the classifier's ipcache and
-// policy maps match the cluster, and attaches the classifier to every local pod's interface.
-// Maps are filled before programs are attached, so a program never sees empty maps.
-func (a *Agent) reconcilePolicy(ctx context.Context, mode v1alpha1.EncryptionMode, peers []wireguard.Peer, meshNodes []v1alpha1.MeshNode) error {
+// policyPlan is the classifier state computed from the cluster, less the tunnel-ready flags,
+// which depend on the moment it is applied (see reconcile).
+type policyPlan struct {
+	pods    []podEntry
+	allow   map[datapath.PolicyKey]datapath.PolicyValue
+	enforce map[datapath.EnforceKey]datapath.EnforceValue
+	stats   string
+}
+
+// planPolicy gives every pod its identity (allocating new ones) and compiles the policies.
+func (a *Agent) planPolicy(ctx context.Context) (*policyPlan, error) {
 	var pods corev1.PodList
 	if err := a.cache.List(ctx, &pods); err != nil {
-		return fmt.Errorf("list pods: %w", err)
+		return nil, fmt.Errorf("list pods: %w", err)
 	}
-	var entries []podEntry
+	plan := &policyPlan{}
 	var badPods []string
 	for i := range pods.Items {
 		pod := &pods.Items[i]
@@ -63,7 +70,7 @@ func (a *Agent) reconcilePolicy(ctx context.Context, mode v1alpha1.EncryptionMod
 		}
 		id, err := a.alloc.Allocate(ctx, labels)
 		if err != nil {
-			return fmt.Errorf("identity of pod %s/%s: %w", pod.Namespace, pod.Name, err)
+			return nil, fmt.Errorf("identity of pod %s/%s: %w", pod.Namespace, pod.Name, err)
 		}
 		e := podEntry{Namespace: pod.Namespace, Name: pod.Name, Node: pod.Spec.NodeName, Identity: id}
 		for _, s := range pod.Status.PodIPs {
@@ -71,22 +78,14 @@ func (a *Agent) reconcilePolicy(ctx context.Context, mode v1alpha1.EncryptionMod
 				e.IPs = append(e.IPs, ip)
 			}
 		}
-		entries = append(entries, e)
+		plan.pods = append(plan.pods, e)
 	}
 	slices.Sort(badPods)
 	a.badPods = badPods
 
-	tunnelReady := map[string]bool{}
-	if mode == v1alpha1.ModeWireGuard {
-		for _, p := range peers {
-			tunnelReady[p.Name] = true
-		}
-	}
-	ipc := ipcacheEntries(a.opts.NodeName, entries, meshNodes, tunnelReady)
-
 	var nss corev1.NamespaceList
 	if err := a.cache.List(ctx, &nss); err != nil {
-		return fmt.Errorf("list namespaces: %w", err)
+		return nil, fmt.Errorf("list namespaces: %w", err)
 	}
 	nsLabels := make(map[string]map[string]string, len(nss.Items))
 	for _, ns := range nss.Items {
@@ -94,7 +93,7 @@ func (a *Agent) reconcilePolicy(ctx context.Context, mode v1alpha1.EncryptionMod
 	}
 	var pols v1alpha1.MeshPolicyList
 	if err := a.cache.List(ctx, &pols); err != nil {
-		return fmt.Errorf("list MeshPolicies: %w", err)
+		return nil, fmt.Errorf("list MeshPolicies: %w", err)
 	}
 	snap := a.alloc.Snapshot()
 	ids := make([]policy.Identity, 0, len(snap))
@@ -102,26 +101,14 @@ func (a *Agent) reconcilePolicy(ctx context.Context, mode v1alpha1.EncryptionMod
 		ids = append(ids, policy.Identity{ID: uint32(id), Labels: l.Map()})
 	}
 	res := policy.Compile(policy.Input{Policies: pols.Items, Identities: ids, NamespaceLabels: nsLabels})
-	allow := make(map[datapath.PolicyKey]datapath.PolicyValue, len(res.Allow))
+	plan.allow = make(map[datapath.PolicyKey]datapath.PolicyValue, len(res.Allow))
 	for k, v := range res.Allow {
-		allow[datapath.PolicyKey{Subject: k.Subject, Peer: k.Peer, Port: k.Port, Proto: k.Proto, Dir: datapath.Direction(k.Dir)}] =
+		plan.allow[datapath.PolicyKey{Subject: k.Subject, Peer: k.Peer, Port: k.Port, Proto: k.Proto, Dir: datapath.Direction(k.Dir)}] =
 			datapath.PolicyValue{Flags: datapath.PolicyFlags(v.Flags), Rule: v.Rule}
 	}
-	enforce := make(map[datapath.EnforceKey]datapath.EnforceValue, len(res.Enforce))
+	plan.enforce = make(map[datapath.EnforceKey]datapath.EnforceValue, len(res.Enforce))
 	for k, f := range res.Enforce {
-		enforce[datapath.EnforceKey{Identity: k.Identity, Dir: datapath.Direction(k.Dir)}] = datapath.EnforceValue{Flags: datapath.EnforceFlags(f)}
-	}
-	ist, err := a.clf.ApplyIPCache(ctx, ipc)
-	if err != nil {
-		return fmt.Errorf("apply ipcache: %w", err)
-	}
-	pst, err := a.clf.ApplyPolicy(ctx, allow, enforce)
-	if err != nil {
-		return fmt.Errorf("apply policy: %w", err)
-	}
-	if ist.Added+ist.Updated+ist.Removed+pst.Added+pst.Updated+pst.Removed > 0 {
-		a.log.Info("classifier maps updated", "ipcache", fmt.Sprintf("%+v", ist), "policy", fmt.Sprintf("%+v", pst),
-			"identities", len(ids), "policies", len(pols.Items))
+		plan.enforce[datapath.EnforceKey{Identity: k.Identity, Dir: datapath.Direction(k.Dir)}] = datapath.EnforceValue{Flags: datapath.EnforceFlags(f)}
 	}
 	if strings.Join(res.Skipped, "\n") != strings.Join(a.policySkipped, "\n") {
 		for _, s := range res.Skipped {
@@ -129,7 +116,53 @@ func (a *Agent) reconcilePolicy(ctx context.Context, mode v1alpha1.EncryptionMod
 		}
 	}
 	a.policySkipped = res.Skipped
-	return a.attachLocalPods(entries)
+	plan.stats = fmt.Sprintf("identities=%d policies=%d", len(ids), len(pols.Items))
+	return plan, nil
+}
+
+// applyPolicy makes the classifier's maps hold plan, with the nodes in tunnelReady marked as
+// reachable through a ready tunnel, and attaches the classifier to every local pod. Maps are
+// filled before programs are attached, so a program never sees empty maps.
+func (a *Agent) applyPolicy(ctx context.Context, plan *policyPlan, meshNodes []v1alpha1.MeshNode, tunnelReady map[string]bool) error {
+	ipc := ipcacheEntries(a.opts.NodeName, plan.pods, meshNodes, tunnelReady)
+	ist, err := a.clf.ApplyIPCache(ctx, ipc)
+	if err != nil {
+		return fmt.Errorf("apply ipcache: %w", err)
+	}
+	pst, err := a.clf.ApplyPolicy(ctx, plan.allow, plan.enforce)
+	if err != nil {
+		return fmt.Errorf("apply policy: %w", err)
+	}
+	if ist.Added+ist.Updated+ist.Removed+pst.Added+pst.Updated+pst.Removed > 0 {
+		a.log.Info("classifier maps updated", "ipcache", fmt.Sprintf("%+v", ist), "policy", fmt.Sprintf("%+v", pst), "state", plan.stats)
+	}
+	return a.attachLocalPods(plan.pods)
+}
+
+// readyNodes is the set of nodes whose tunnel is ready given the configured peers.
+func readyNodes(peers []wireguard.Peer) map[string]bool {
+	out := make(map[string]bool, len(peers))
+	for _, p := range peers {
+		out[p.Name] = true
+	}
+	return out
+}
+
+// stillReady is the set of nodes that are peers both before and after a change, unchanged:
+// only their tunnels stay ready while the change is applied.
+func stillReady(before, after []wireguard.Peer) map[string]bool {
+	out := map[string]bool{}
+	prev := map[string]wireguard.Peer{}
+	for _, p := range before {
+		prev[p.Name] = p
+	}
+	for _, p := range after {
+		if q, ok := prev[p.Name]; ok && q.PublicKey == p.PublicKey && q.Endpoint == p.Endpoint &&
+			slices.Equal(q.AllowedIPs, p.AllowedIPs) {
+			out[p.Name] = true
+		}
+	}
+	return out
 }
 
 // attachLocalPods attaches the classifier to the host-side interface of every local pod not

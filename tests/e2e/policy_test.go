@@ -58,6 +58,25 @@ func wgTxTo(t *testing.T, n *cluster.Node, peerKey string) int64 {
 	return 0
 }
 
+// reasonCount reads one reason's packet count from node's pinned metrics map, summed over CPUs.
+func reasonCount(t *testing.T, c *cluster.Cluster, node string, reason uint32) uint64 {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(c.BPFPinDir(node), "metrics"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	var perCPU []struct{ Packets, Bytes uint64 }
+	if err := m.Lookup(reason, &perCPU); err != nil {
+		t.Fatal(err)
+	}
+	var sum uint64
+	for _, v := range perCPU {
+		sum += v.Packets
+	}
+	return sum
+}
+
 // droppedByPolicy reads node's classifier counters from its pinned metrics map: packets denied
 // by egress or ingress policy, summed over CPUs.
 func droppedByPolicy(t *testing.T, c *cluster.Cluster, node string) uint64 {
@@ -213,6 +232,52 @@ func testPolicy(t *testing.T, attach string) {
 		}
 		if drops := droppedByPolicy(t, c, "n1") - dropsBefore; drops < 10 {
 			t.Errorf("n1's classifier counted %d policy drops, want the denied packets (>= 10)", drops)
+		}
+	})
+
+	t.Run("encryption Required drops instead of sending in clear", func(t *testing.T) {
+		var pol v1alpha1.MeshPolicy
+		if err := c.Client.Get(ctx, client.ObjectKeyFromObject(policy), &pol); err != nil {
+			t.Fatal(err)
+		}
+		patch := client.MergeFrom(pol.DeepCopy())
+		pol.Spec.Encryption = v1alpha1.EncryptionRequired
+		if err := c.Client.Patch(ctx, &pol, patch); err != nil {
+			t.Fatal(err)
+		}
+		// The capture runs across the switch: not one packet of the flow may be in clear.
+		m2 := newMarker(t)
+		cp := capture(t, c, m2)
+		if !reaches(web, db, 7100, m2, 10*time.Second) {
+			t.Fatal("web -> db denied while encryption is on")
+		}
+		before := reasonCount(t, c, "n1", 3) // DROP_NOT_ENCRYPTED
+		stream, err := cluster.StartStream(web, db, db.IPv4, 7100, m2, 5*time.Millisecond, 2000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if out, err := c.Run(ctx, "meshcrypt", "encryption", "disable", "--wait", "--timeout", "1m"); err != nil {
+			t.Fatal(err, out)
+		}
+		time.Sleep(time.Second)
+		sent, received, _ := stream.Stop(300 * time.Millisecond)
+		if reaches(web, db, 7100, m2, 2*time.Second) {
+			t.Error("web -> db arrived with encryption off, under a Required policy")
+		}
+		if got := cp.Count(m2); got != 0 {
+			t.Fatalf("Required traffic seen in clear %d times across the switch to Disabled", got)
+		}
+		drops := reasonCount(t, c, "n1", 3) - before
+		if drops == 0 {
+			t.Error("no DROP_NOT_ENCRYPTED counted on n1")
+		}
+		t.Logf("stream across the switch: sent %d, received %d; n1 dropped %d packets as not encryptable; 0 in clear", sent, received, drops)
+		if out, err := c.Run(ctx, "meshcrypt", "encryption", "enable", "--mode", "wireguard", "--wait", "--timeout", "1m"); err != nil {
+			t.Fatal(err, out)
+		}
+		eventually(t, "encryption back on: Required flow passes again", func() bool { return reaches(web, db, 7100, m2, time.Second) })
+		if got := cp.Count(m2); got != 0 {
+			t.Fatalf("Required traffic seen in clear %d times", got)
 		}
 	})
 
