@@ -32,6 +32,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# The kernel VM suite: qemu, static busybox, kmod, and package lists naming the cloud kernel.
+hack/vm-deps.sh
 # A packaged etcd starts a system service on install on some images; the harness runs its own.
 hack/kube-apiserver.sh >/dev/null
 echo "deps: ok (kube-apiserver $(hack/kube-apiserver.sh))" >&2

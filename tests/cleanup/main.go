@@ -15,6 +15,7 @@ import (
 	"github.com/meshcrypt/meshcrypt/tests/cluster"
 	"github.com/meshcrypt/meshcrypt/tests/controlplane"
 	"github.com/meshcrypt/meshcrypt/tests/netenv"
+	"github.com/meshcrypt/meshcrypt/tests/vm"
 )
 
 func main() {
@@ -37,6 +38,9 @@ func main() {
 		if err := cluster.UnmountBPF(filepath.Join(cluster.BPFRoot, d.Name())); err != nil {
 			fmt.Fprintln(os.Stderr, "cleanup: bpffs:", err)
 		}
+	}
+	if err := vm.CleanupStale(); err != nil {
+		fmt.Fprintln(os.Stderr, "cleanup: vm:", err)
 	}
 	if err := controlplane.CleanupStale(""); err != nil {
 		fmt.Fprintln(os.Stderr, "cleanup: control planes:", err)

@@ -57,8 +57,8 @@
 // (CONFIG_NET_9P is not set) and virtio-fs needs a virtiofsd daemon on the
 // host; the 8250 UART is built in, needs nothing on either side, streams while
 // tests run, and what a binary wrote before a guest crash has already reached
-// the host. Output volume is small (kilobytes per package); a 16550 without
-// flow control moves megabytes per second under TCG.
+// the host. Test output is small (tens of kilobytes per package) next to what
+// the emulated UART moves in a second.
 //
 // # End-to-end suites in the VM
 //

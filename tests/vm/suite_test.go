@@ -20,7 +20,8 @@ var kernelSuite = []vm.Test{
 	},
 	{
 		Package: "pkg/datapath",
-		MustRun: []string{"TestRoutesApply"},
+		MustRun: []string{"TestRoutesApply", "TestPodLink", "TestClassifierVerdicts", "TestClassifierMatchesModel",
+			"TestClassifierAttach/tc", "TestClassifierSurvivesRestart/tc", "TestClassifierChains"},
 	},
 }
 

@@ -776,6 +776,9 @@ func TestDeviceOutlivesAgent(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.Close()
+	// Recreate it as userspace explicitly: on a kernel with WireGuard (the VM), auto would
+	// pick the kernel instead.
+	opts.Backend = wireguard.BackendUserspace
 	d, err = wireguard.Ensure(ctx, opts)
 	if err != nil {
 		t.Fatalf("Ensure after the device died: %v", err)

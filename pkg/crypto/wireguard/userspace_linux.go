@@ -219,6 +219,7 @@ func (d *wgDevice) startUserspace(ctx context.Context, opts EnsureOptions) (pid 
 	defer deadline.Stop()
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
+	linkMissing := false
 	for {
 		select {
 		case err := <-exited:
@@ -229,6 +230,9 @@ func (d *wgDevice) startUserspace(ctx context.Context, opts EnsureOptions) (pid 
 		case <-ctx.Done():
 			return fail(ctx.Err())
 		case <-deadline.C:
+			if linkMissing {
+				return fail(fmt.Errorf("device answers on %s but its link is not in this network namespace (is NetNS the namespace of the netlink handle?)", UAPISocketPath(d.name)))
+			}
 			return fail(fmt.Errorf("no answer on %s within %s", UAPISocketPath(d.name), timeout))
 		case <-tick.C:
 		}
@@ -246,7 +250,11 @@ func (d *wgDevice) startUserspace(ctx context.Context, opts EnsureOptions) (pid 
 			return fail(err)
 		}
 		if l == nil {
-			return fail(fmt.Errorf("device answers on %s but its link is not in this network namespace (is NetNS the namespace of the netlink handle?)", UAPISocketPath(d.name)))
+			// RunDevice claims its socket before it creates the TUN interface (so a name
+			// clash fails early), and the socket accepts connections from then on: the link
+			// may simply not exist yet. Wait for it until the deadline.
+			linkMissing = true
+			continue
 		}
 		if err := d.checkUserspace(); err != nil {
 			return fail(err)

@@ -22,6 +22,7 @@ import (
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
 	"github.com/meshcrypt/meshcrypt/tests/netenv"
+	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
@@ -71,11 +72,23 @@ func TestAgentsKernelWireGuard(t *testing.T) {
 	podMTU := wireguard.TunnelMTU(1500)
 	topo := netenv.NewT(t, netenv.Options{Prefix: "vm", PodMTU: podMTU})
 	work := t.TempDir()
+	// Agents pin their classifier on a bpffs of their own, as tests/cluster
+	// has them do: ip netns exec remounts /sys, which hides /sys/fs/bpf.
+	bpfDir := filepath.Join(work, "bpf")
+	if err := os.Mkdir(bpfDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("bpf", bpfDir, "bpf", 0, "mode=700"); err != nil {
+		t.Fatalf("mount bpffs: %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(bpfDir, unix.MNT_DETACH) })
 	type node struct {
 		nn    *netenv.Node
 		pod   *netenv.Pod
 		iface string
 		log   string
+		done  chan struct{} // closed when the agent exits
+		err   error         // its exit, once done is closed
 	}
 	var nodes []*node
 	for i, name := range []string{"vm-a", "vm-b"} {
@@ -87,7 +100,7 @@ func TestAgentsKernelWireGuard(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		n := &node{nn: nn, pod: pod, iface: "mcvm" + strconv.Itoa(i+1), log: filepath.Join(work, name+".log")}
+		n := &node{nn: nn, pod: pod, iface: "mcvm" + strconv.Itoa(i+1), log: filepath.Join(work, name+".log"), done: make(chan struct{})}
 		nodes = append(nodes, n)
 		createNode(ctx, t, c, nn)
 		if _, err := nn.NS.ForwardTCP(ctx, fmt.Sprintf("127.0.0.1:%d", apiPortInNode), apiTarget); err != nil {
@@ -101,20 +114,19 @@ func TestAgentsKernelWireGuard(t *testing.T) {
 		}
 		cmd := nn.NS.Command(context.Background(), agentBin, "--kubeconfig", kc, "--node-name", name,
 			"--state-dir", filepath.Join(work, name), "--wireguard-iface", n.iface,
-			"--wireguard-backend", "kernel", "--status-period", "1s")
+			"--wireguard-backend", "kernel", "--bpf-pin-dir", bpfDir, "--status-period", "1s")
 		cmd.Stdout, cmd.Stderr = logf, logf
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
+		go func() { n.err = cmd.Wait(); close(n.done) }()
 		t.Cleanup(func() {
 			cmd.Process.Signal(os.Interrupt)
-			done := make(chan struct{})
-			go func() { cmd.Wait(); close(done) }()
 			select {
-			case <-done:
+			case <-n.done:
 			case <-time.After(10 * time.Second):
 				cmd.Process.Kill()
-				<-done
+				<-n.done
 			}
 			logf.Close()
 			if t.Failed() {
@@ -142,6 +154,13 @@ func TestAgentsKernelWireGuard(t *testing.T) {
 			}
 			if ready == len(nodes) {
 				break
+			}
+		}
+		for _, n := range nodes {
+			select {
+			case <-n.done:
+				t.Fatalf("the agent of %s exited: %v", n.nn.Name, n.err)
+			default:
 			}
 		}
 		if ctx.Err() != nil {
