@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -18,7 +19,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
@@ -113,21 +113,22 @@ type Agent struct {
 	trigger chan struct{}
 
 	// Set up in Run.
-	client    client.Client
-	cache     cache.Cache
-	recorder  record.EventRecorder
-	key       wgtypes.Key
-	bootID    string
-	mtu       int
-	nl        *netlink.Handle
-	dev       wireguard.Device
-	routes    *datapath.Routes
-	nameByKey map[wgtypes.Key]string
-	lastSkips string
-	lastErr   error
-	applied   v1alpha1.EncryptionMode
-	skips     []skip
-	peers     []wireguard.Peer
+	client     client.Client
+	cache      cache.Cache
+	recorder   record.EventRecorder
+	key        wgtypes.Key
+	bootID     string
+	mtu        int
+	nl         *netlink.Handle
+	dev        wireguard.Device
+	promptNext bool // prompt handshakes on the next configuration with peers
+	routes     *datapath.Routes
+	nameByKey  map[wgtypes.Key]string
+	lastSkips  string
+	lastErr    error
+	applied    v1alpha1.EncryptionMode
+	skips      []skip
+	peers      []wireguard.Peer
 
 	// Identity and policy (policy.go).
 	alloc         *identity.Allocator
@@ -317,6 +318,9 @@ func (a *Agent) ensureDevice(ctx context.Context) error {
 		return fmt.Errorf("set up WireGuard device %s: %w", a.opts.WireGuard.Iface, err)
 	}
 	a.dev = dev
+	if cur, err := dev.Device(ctx); err == nil && len(cur.Peers) == 0 {
+		a.promptNext = true // a new (or empty) device: see applyPrompt
+	}
 	a.log.Info("WireGuard device ready", logIface, dev.Name(), "backend", dev.Backend(), "mtu", a.mtu)
 	return nil
 }
@@ -324,7 +328,7 @@ func (a *Agent) ensureDevice(ctx context.Context) error {
 // applyDevice applies cfg; when the device has vanished (its userspace process died, its link
 // was deleted) it recreates it and applies again.
 func (a *Agent) applyDevice(ctx context.Context, cfg wireguard.Config) (wireguard.PlanStats, error) {
-	st, err := a.dev.Apply(ctx, cfg)
+	st, err := a.applyPrompt(ctx, cfg)
 	if !errors.Is(err, wireguard.ErrDeviceGone) {
 		return st, err
 	}
@@ -333,7 +337,57 @@ func (a *Agent) applyDevice(ctx context.Context, cfg wireguard.Config) (wireguar
 	if err := a.ensureDevice(ctx); err != nil {
 		return st, err
 	}
-	return a.dev.Apply(ctx, cfg)
+	return a.applyPrompt(ctx, cfg)
+}
+
+// promptKeepalive is set, for one configuration call, on peers new to the device: WireGuard
+// sends a keepalive as soon as a peer gets one, which starts a handshake at once. A peer that
+// still holds a session with this node's previous device (after a reboot or a device
+// restart) would otherwise keep using it, unanswered, until its own timers give up (10-15 s
+// for a one-way flow).
+const promptKeepalive = 25 * time.Second
+
+// applyPrompt applies cfg. On the first configuration of a device that came up empty (a
+// reboot, a recreated device) while peers may still hold sessions with its predecessor, it
+// prompts a handshake with every peer it adds. Not otherwise: prompting a peer that has not
+// configured this node yet (everyone enabling at once) only gets the initiation dropped and
+// retried seconds later, where a data packet would have started it in time.
+func (a *Agent) applyPrompt(ctx context.Context, cfg wireguard.Config) (wireguard.PlanStats, error) {
+	if !a.promptNext || len(cfg.Peers) == 0 {
+		st, err := a.dev.Apply(ctx, cfg)
+		if err == nil {
+			a.promptNext = false
+		}
+		return st, err
+	}
+	cur, err := a.dev.Device(ctx)
+	if err != nil {
+		return wireguard.PlanStats{}, err
+	}
+	have := make(map[wgtypes.Key]bool, len(cur.Peers))
+	for _, p := range cur.Peers {
+		have[p.PublicKey] = true
+	}
+	prompted := cfg
+	prompted.Peers = slices.Clone(cfg.Peers)
+	n := 0
+	for i := range prompted.Peers {
+		if !have[prompted.Peers[i].PublicKey] && prompted.Peers[i].PersistentKeepalive == 0 {
+			prompted.Peers[i].PersistentKeepalive = promptKeepalive
+			n++
+		}
+	}
+	st, err := a.dev.Apply(ctx, prompted)
+	if err != nil {
+		return st, err
+	}
+	a.promptNext = false
+	if n == 0 {
+		return st, nil
+	}
+	// Back to no keepalive: the handshake is under way.
+	_, err = a.dev.Apply(ctx, cfg)
+	return st, err
 }
 
 // waitForNode reads this node's Kubernetes Node, retrying until it exists or ctx ends.
@@ -358,9 +412,6 @@ func (a *Agent) waitForNode(ctx context.Context) (*corev1.Node, error) {
 func (a *Agent) startCache(ctx context.Context) error {
 	c, err := cache.New(a.opts.RESTConfig, cache.Options{
 		Scheme: a.scheme,
-		ByObject: map[client.Object]cache.ByObject{
-			&corev1.Node{}: {Field: fields.OneTermEqualSelector("metadata.name", a.opts.NodeName)},
-		},
 	})
 	if err != nil {
 		return fmt.Errorf("create informer cache: %w", err)
@@ -485,7 +536,19 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	if err := a.cache.List(ctx, &list); err != nil {
 		return fmt.Errorf("list MeshNodes: %w", err)
 	}
-	peers, skips := peersFromMeshNodes(a.opts.NodeName, local, list.Items)
+	var k8sNodes corev1.NodeList
+	if err := a.cache.List(ctx, &k8sNodes); err != nil {
+		return fmt.Errorf("list nodes: %w", err)
+	}
+	assigned := make(map[string][]netip.Prefix, len(k8sNodes.Items))
+	for i := range k8sNodes.Items {
+		ln, err := localFromNode(&k8sNodes.Items[i], []netip.Addr{netip.IPv4Unspecified()})
+		if err != nil {
+			continue // a Node with malformed pod CIDRs assigns nothing
+		}
+		assigned[k8sNodes.Items[i].Name] = append([]netip.Prefix{}, ln.PodCIDRs...)
+	}
+	peers, skips := peersFromMeshNodes(a.opts.NodeName, local, list.Items, assigned)
 	a.reportSkips(&list, skips)
 	a.skips = skips
 	a.nameByKey = make(map[wgtypes.Key]string, len(peers))

@@ -96,7 +96,11 @@ type skip struct {
 // AllowedIPs are exactly its pod CIDRs. Nodes with invalid fields, pod CIDRs overlapping this
 // node's or another node's, or a public key another node also claims are skipped with a
 // reason, never configured. The result is sorted by node name.
-func peersFromMeshNodes(self string, local localNode, nodes []v1alpha1.MeshNode) ([]wireguard.Peer, []skip) {
+//
+// assigned holds each Kubernetes Node's spec.podCIDRs, which only the control plane writes: a
+// MeshNode may announce exactly those, so a compromised node cannot claim another node's
+// pods. A nil map skips the check (no Node information, e.g. for a remote cluster).
+func peersFromMeshNodes(self string, local localNode, nodes []v1alpha1.MeshNode, assigned map[string][]netip.Prefix) ([]wireguard.Peer, []skip) {
 	var skips []skip
 	type cand struct {
 		peer  wireguard.Peer
@@ -110,6 +114,9 @@ func peersFromMeshNodes(self string, local localNode, nodes []v1alpha1.MeshNode)
 			continue
 		}
 		p, reason, pending := peerFromMeshNode(mn, local)
+		if reason == "" && assigned != nil {
+			reason = checkAssigned(p.AllowedIPs, assigned[mn.Name], assigned != nil && assigned[mn.Name] != nil)
+		}
 		if reason != "" {
 			skips = append(skips, skip{Node: mn.Name, Reason: reason, Pending: pending})
 			continue
@@ -243,6 +250,26 @@ func peerFromMeshNode(mn *v1alpha1.MeshNode, local localNode) (p wireguard.Peer,
 		p.AllowedIPs = append(p.AllowedIPs, pr)
 	}
 	return p, "", false
+}
+
+// checkAssigned says why announced pod CIDRs are refused: they must be exactly the ones the
+// Kubernetes Node was assigned.
+func checkAssigned(announced, assigned []netip.Prefix, nodeExists bool) string {
+	if !nodeExists {
+		return "no Kubernetes Node of that name assigns it pod CIDRs"
+	}
+	key := func(ps []netip.Prefix) string {
+		ss := make([]string, len(ps))
+		for i, p := range ps {
+			ss[i] = p.Masked().String()
+		}
+		slices.Sort(ss)
+		return strings.Join(ss, ",")
+	}
+	if key(announced) != key(assigned) {
+		return fmt.Sprintf("announces pod CIDRs [%s] but its Node was assigned [%s]", key(announced), key(assigned))
+	}
+	return ""
 }
 
 // pickEndpoint chooses the remote underlay address in the family of this node's first

@@ -191,7 +191,7 @@ func TestPeersFromMeshNodes(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			peers, skips := peersFromMeshNodes("n1", local, tt.nodes)
+			peers, skips := peersFromMeshNodes("n1", local, tt.nodes, nil)
 			if d := cmp.Diff(tt.wantPeers, peers, cmpNetip); d != "" {
 				t.Errorf("peers (-want +got):\n%s", d)
 			}
@@ -216,7 +216,7 @@ func TestOverlapMatchesNaive(t *testing.T) {
 			nodes = append(nodes, meshNode(string(rune('a'+i)), key(t, byte(10+i)), 1, []string{"10.77.0.1"}, pr.String()))
 		}
 		local := localNode{Underlay: []netip.Addr{netip.MustParseAddr("10.77.0.9")}}
-		peers, skips := peersFromMeshNodes("self", local, nodes)
+		peers, skips := peersFromMeshNodes("self", local, nodes, nil)
 		naive := map[string]bool{}
 		for i := range nodes {
 			for j := range nodes {
@@ -249,5 +249,31 @@ func TestRoutePrefixes(t *testing.T) {
 	want := []netip.Prefix{p("10.244.2.0/24"), p("fd44:0:0:2::/64"), p("10.244.3.0/24")}
 	if d := cmp.Diff(want, got, cmpNetip); d != "" {
 		t.Errorf("(-want +got):\n%s", d)
+	}
+}
+
+func TestPeersMustAnnounceAssignedCIDRs(t *testing.T) {
+	p := netip.MustParsePrefix
+	local := localNode{Underlay: []netip.Addr{netip.MustParseAddr("10.77.0.11")}, PodCIDRs: []netip.Prefix{p("10.244.1.0/24")}}
+	nodes := []v1alpha1.MeshNode{
+		meshNode("honest", key(t, 2), 1, []string{"10.77.0.12"}, "fd44:0:0:2::/64", "10.244.2.0/24"),
+		meshNode("thief", key(t, 3), 1, []string{"10.77.0.13"}, "10.244.3.0/24", "10.244.9.0/24"),
+		meshNode("ghost", key(t, 4), 1, []string{"10.77.0.14"}, "10.244.4.0/24"),
+	}
+	assigned := map[string][]netip.Prefix{
+		"honest": {p("10.244.2.0/24"), p("fd44:0:0:2::/64")},
+		"thief":  {p("10.244.3.0/24")},
+		"victim": {p("10.244.9.0/24")},
+	}
+	peers, skips := peersFromMeshNodes("n1", local, nodes, assigned)
+	if len(peers) != 1 || peers[0].Name != "honest" {
+		t.Fatalf("peers %v: want only honest", peers)
+	}
+	want := []skip{
+		{Node: "ghost", Reason: "no Kubernetes Node of that name assigns it pod CIDRs"},
+		{Node: "thief", Reason: "announces pod CIDRs [10.244.3.0/24,10.244.9.0/24] but its Node was assigned [10.244.3.0/24]"},
+	}
+	if d := cmp.Diff(want, skips); d != "" {
+		t.Errorf("skips (-want +got):\n%s", d)
 	}
 }

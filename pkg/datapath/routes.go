@@ -46,9 +46,24 @@ type Routes struct {
 // NewRoutes returns a Routes working through h (a handle bound to the node's namespace).
 func NewRoutes(h *netlink.Handle) *Routes { return &Routes{h: h} }
 
-// Apply makes the table hold exactly the routes of cfg and installs (or, with no prefixes,
-// removes) the policy rules for both address families. It is idempotent and touches only
-// what differs: a change to one prefix is one route operation. Not safe for concurrent use.
+// fallbackMetric is the metric of the blackhole route behind every tunnel route. When the
+// tunnel device disappears (a userspace device process dies, a link is deleted) the kernel
+// removes the device's routes; the blackhole then matches, so pod traffic is dropped (and
+// retransmitted once the device is back) instead of falling through to the underlay routes
+// in main and leaving in clear. Only turning encryption off removes both.
+const fallbackMetric = 0x6d63
+
+// routeKey identifies one route of the tunnel table: its destination and whether it is the
+// blackhole fallback.
+type routeKey struct {
+	dst       netip.Prefix
+	blackhole bool
+}
+
+// Apply makes the table hold exactly, for every prefix of cfg, a route through the device and
+// a blackhole fallback behind it, and installs (or, with no prefixes, removes) the policy
+// rules for both address families. It is idempotent and touches only what differs: a change
+// to one prefix is two route operations. Not safe for concurrent use.
 func (r *Routes) Apply(ctx context.Context, cfg RouteConfig) (RouteStats, error) {
 	var st RouteStats
 	if cfg.Table == 0 {
@@ -84,26 +99,33 @@ func (r *Routes) Apply(ctx context.Context, cfg RouteConfig) (RouteStats, error)
 				break
 			}
 		}
-		// Add before removing so a device change never leaves a prefix unrouted.
-		for p := range want {
-			if familyOf(p) != family {
-				continue
+		// Blackholes first, then device routes, then removals: a prefix is never left
+		// without a route in the table while it is wanted.
+		for _, blackhole := range []bool{true, false} {
+			for p := range want {
+				if familyOf(p) != family {
+					continue
+				}
+				cur, ok := have[routeKey{p, blackhole}]
+				if ok && (blackhole || cur.LinkIndex == link.Attrs().Index) {
+					continue
+				}
+				rt := r.route(p, cfg.Table, link.Attrs().Index)
+				if blackhole {
+					rt = r.blackhole(p, cfg.Table)
+				}
+				if err := r.h.RouteReplace(rt); err != nil {
+					return st, fmt.Errorf("route %s (blackhole %v) in table %d: %w", p, blackhole, cfg.Table, err)
+				}
+				st.Added++
 			}
-			if cur, ok := have[p]; ok && link != nil && cur.LinkIndex == link.Attrs().Index {
-				continue
-			}
-			rt := r.route(p, cfg.Table, link.Attrs().Index)
-			if err := r.h.RouteReplace(rt); err != nil {
-				return st, fmt.Errorf("route %s via %s: %w", p, cfg.Device, err)
-			}
-			st.Added++
 		}
-		for p, cur := range have {
-			if want[p] {
+		for k, cur := range have {
+			if want[k.dst] {
 				continue
 			}
 			if err := r.h.RouteDel(&cur); err != nil && !errors.Is(err, unix.ESRCH) {
-				return st, fmt.Errorf("delete route %s: %w", p, err)
+				return st, fmt.Errorf("delete route %s: %w", k.dst, err)
 			}
 			st.Removed++
 		}
@@ -117,8 +139,14 @@ func (r *Routes) Apply(ctx context.Context, cfg RouteConfig) (RouteStats, error)
 	return st, nil
 }
 
-// Prefixes returns the destinations currently routed in table (both families), sorted.
-func (r *Routes) Prefixes(table int) ([]netip.Prefix, error) {
+// Prefixes returns the destinations currently routed through a device in table (both
+// families), sorted; blackhole fallbacks are not listed (see Fallbacks).
+func (r *Routes) Prefixes(table int) ([]netip.Prefix, error) { return r.prefixes(table, false) }
+
+// Fallbacks returns the destinations that have a blackhole fallback in table, sorted.
+func (r *Routes) Fallbacks(table int) ([]netip.Prefix, error) { return r.prefixes(table, true) }
+
+func (r *Routes) prefixes(table int, blackhole bool) ([]netip.Prefix, error) {
 	if table == 0 {
 		table = DefaultTable
 	}
@@ -128,12 +156,24 @@ func (r *Routes) Prefixes(table int) ([]netip.Prefix, error) {
 		if err != nil {
 			return nil, err
 		}
-		for p := range have {
-			out = append(out, p)
+		for k := range have {
+			if k.blackhole == blackhole {
+				out = append(out, k.dst)
+			}
 		}
 	}
 	slices.SortFunc(out, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
 	return out, nil
+}
+
+func (r *Routes) blackhole(p netip.Prefix, table int) *netlink.Route {
+	return &netlink.Route{
+		Dst:      prefixToIPNet(p),
+		Table:    table,
+		Type:     unix.RTN_BLACKHOLE,
+		Priority: fallbackMetric,
+		Protocol: routeProtocol,
+	}
 }
 
 func (r *Routes) route(p netip.Prefix, table, linkIndex int) *netlink.Route {
@@ -147,7 +187,7 @@ func (r *Routes) route(p netip.Prefix, table, linkIndex int) *netlink.Route {
 }
 
 // list returns the routes of one family in table, retrying interrupted dumps.
-func (r *Routes) list(family, table int) (map[netip.Prefix]netlink.Route, error) {
+func (r *Routes) list(family, table int) (map[routeKey]netlink.Route, error) {
 	var routes []netlink.Route
 	err := retryDump(func() error {
 		var err error
@@ -157,13 +197,13 @@ func (r *Routes) list(family, table int) (map[netip.Prefix]netlink.Route, error)
 	if err != nil {
 		return nil, fmt.Errorf("list routes in table %d: %w", table, err)
 	}
-	out := make(map[netip.Prefix]netlink.Route, len(routes))
+	out := make(map[routeKey]netlink.Route, len(routes))
 	for _, rt := range routes {
 		if rt.Dst == nil {
 			continue
 		}
 		if p, ok := ipNetToPrefix(rt.Dst); ok {
-			out[p] = rt
+			out[routeKey{p, rt.Type == unix.RTN_BLACKHOLE}] = rt
 		}
 	}
 	return out, nil

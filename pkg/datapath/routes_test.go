@@ -35,12 +35,12 @@ func TestRoutesApply(t *testing.T) {
 		want      []netip.Prefix
 		wantRules int
 	}{
-		{"install", RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{a, b, c}}, RouteStats{Added: 3, RulesAdded: 2}, []netip.Prefix{a, b, c}, 2},
+		{"install", RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{a, b, c}}, RouteStats{Added: 6, RulesAdded: 2}, []netip.Prefix{a, b, c}, 2},
 		{"idempotent", RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{c, b, a}}, RouteStats{}, []netip.Prefix{a, b, c}, 2},
-		{"one change is one operation", RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{a, c}}, RouteStats{Removed: 1}, []netip.Prefix{a, c}, 2},
-		{"v6 gone drops its rule", RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{a}}, RouteStats{Removed: 1, RulesRemoved: 1}, []netip.Prefix{a}, 1},
+		{"one change is one route and its fallback", RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{a, c}}, RouteStats{Removed: 2}, []netip.Prefix{a, c}, 2},
+		{"v6 gone drops its rule", RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{a}}, RouteStats{Removed: 2, RulesRemoved: 1}, []netip.Prefix{a}, 1},
 		{"device change moves the route", RouteConfig{Device: "tun1", Prefixes: []netip.Prefix{a}}, RouteStats{Added: 1}, []netip.Prefix{a}, 1},
-		{"empty removes everything", RouteConfig{Device: "tun1"}, RouteStats{Removed: 1, RulesRemoved: 1}, nil, 0},
+		{"empty removes everything", RouteConfig{Device: "tun1"}, RouteStats{Removed: 2, RulesRemoved: 1}, nil, 0},
 	}
 	for _, st := range steps {
 		got, err := r.Apply(ctx, st.cfg)
@@ -56,6 +56,13 @@ func TestRoutesApply(t *testing.T) {
 		}
 		if d := cmp.Diff(st.want, have, cmpopts.EquateComparable(netip.Prefix{})); d != "" {
 			t.Errorf("%s: routes (-want +got):\n%s", st.name, d)
+		}
+		fb, err := r.Fallbacks(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := cmp.Diff(st.want, fb, cmpopts.EquateComparable(netip.Prefix{})); d != "" {
+			t.Errorf("%s: blackhole fallbacks (-want +got):\n%s", st.name, d)
 		}
 		rules := 0
 		for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
@@ -88,5 +95,48 @@ func TestApplyMissingDevice(t *testing.T) {
 	_, err := NewRoutes(h).Apply(context.Background(), RouteConfig{Device: "nope0", Prefixes: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}})
 	if err == nil {
 		t.Fatal("Apply with a missing device succeeded")
+	}
+}
+
+// TestDeviceLossDropsInsteadOfClear: when the tunnel device disappears, its routes go with
+// it; traffic for the prefixes must then hit the blackhole fallback, not the main table.
+func TestDeviceLossDropsInsteadOfClear(t *testing.T) {
+	_, h := testutil.NewNetNS(t)
+	if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "tun0"}, PeerName: "tun0p"}); err != nil {
+		t.Fatal(err)
+	}
+	up, _ := h.LinkByName("tun0")
+	if err := h.LinkSetUp(up); err != nil {
+		t.Fatal(err)
+	}
+	// The underlay route a CNI installed in main: the clear path.
+	if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: "eth0p"}); err != nil {
+		t.Fatal(err)
+	}
+	eth, _ := h.LinkByName("eth0")
+	if err := h.LinkSetUp(eth); err != nil {
+		t.Fatal(err)
+	}
+	p := netip.MustParsePrefix("10.244.2.0/24")
+	if err := h.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Dst: prefixToIPNet(p), Scope: netlink.SCOPE_LINK}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewRoutes(h).Apply(context.Background(), RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{p}}); err != nil {
+		t.Fatal(err)
+	}
+	dst := netip.MustParseAddr("10.244.2.7").AsSlice()
+	got, err := h.RouteGet(dst)
+	if err != nil || len(got) != 1 || got[0].LinkIndex != up.Attrs().Index {
+		t.Fatalf("with the device: route %+v, %v; want via tun0", got, err)
+	}
+	if err := h.LinkDel(up); err != nil {
+		t.Fatal(err)
+	}
+	got, err = h.RouteGet(dst)
+	if err == nil && len(got) == 1 && got[0].LinkIndex == eth.Attrs().Index {
+		t.Fatalf("device gone: traffic falls back to eth0 (clear): %+v", got)
+	}
+	if err == nil {
+		t.Fatalf("device gone: route lookup succeeded (%+v); want the blackhole to refuse it", got)
 	}
 }

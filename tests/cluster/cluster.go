@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
@@ -90,6 +91,9 @@ type Node struct {
 	StateDir   string
 	Kubeconfig string
 	LogPath    string
+	// BootIDPath is the node's boot ID file (the agent's --boot-id-file); RebootNode
+	// changes it.
+	BootIDPath string
 
 	agentMu sync.Mutex
 	agent   *exec.Cmd
@@ -268,22 +272,24 @@ func (c *Cluster) AddNode(ctx context.Context, name string) (*Node, error) {
 	idx := c.index
 	c.mu.Unlock()
 	n := &Node{
-		Node:     nn,
-		c:        c,
-		Iface:    trim15(fmt.Sprintf("%sw%d", c.Net.Prefix(), idx)),
-		StateDir: filepath.Join(c.dir, name, "state"),
-		LogPath:  filepath.Join(c.dir, name, "agent.log"),
+		Node:       nn,
+		c:          c,
+		Iface:      trim15(fmt.Sprintf("%sw%d", c.Net.Prefix(), idx)),
+		StateDir:   filepath.Join(c.dir, name, "state"),
+		LogPath:    filepath.Join(c.dir, name, "agent.log"),
+		BootIDPath: filepath.Join(c.dir, name, "boot_id"),
 	}
 	if err := os.MkdirAll(filepath.Join(c.dir, name), 0o700); err != nil {
+		return nil, err
+	}
+	if err := n.newBootID(); err != nil {
 		return nil, err
 	}
 	if err := c.createNodeObject(ctx, nn); err != nil {
 		return nil, err
 	}
-	// The agent reaches the API server at 127.0.0.1:6443 inside its namespace.
-	target := strings.TrimPrefix(c.CP.URL(), "https://")
-	if _, err := nn.NS.ForwardTCP(c.ctx, net.JoinHostPort("127.0.0.1", strconv.Itoa(apiPortInNode)), target); err != nil {
-		return nil, fmt.Errorf("forward API server into %s: %w", name, err)
+	if err := c.forwardAPI(nn); err != nil {
+		return nil, err
 	}
 	token, err := AgentToken(ctx, c.kube, name)
 	if err != nil {
@@ -300,6 +306,68 @@ func (c *Cluster) AddNode(ctx context.Context, name string) (*Node, error) {
 		return nil, err
 	}
 	return n, nil
+}
+
+// forwardAPI makes the API server reachable at 127.0.0.1:6443 inside the node's namespace.
+func (c *Cluster) forwardAPI(nn *netenv.Node) error {
+	target := strings.TrimPrefix(c.CP.URL(), "https://")
+	if _, err := nn.NS.ForwardTCP(c.ctx, net.JoinHostPort("127.0.0.1", strconv.Itoa(apiPortInNode)), target); err != nil {
+		return fmt.Errorf("forward API server into %s: %w", nn.Name, err)
+	}
+	return nil
+}
+
+// newBootID writes a fresh random boot ID for the node.
+func (n *Node) newBootID() error {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		return err
+	}
+	id := fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
+	return os.WriteFile(n.BootIDPath, []byte(id+"\n"), 0o644)
+}
+
+// RebootNode simulates a reboot: the agent and every process in the node's namespaces stop,
+// the namespaces (devices, routes, pods' network) are destroyed and created anew with the
+// same addresses, the disk (the state dir and its private key) survives, the boot ID changes,
+// and the agent starts again. The node's workload pods are gone (their Pod objects deleted,
+// as their controllers would replace them); the agent's own Pod stays, as a DaemonSet pod
+// restarts in place.
+func (c *Cluster) RebootNode(ctx context.Context, name string) (*Node, error) {
+	n := c.Node(name)
+	if n == nil {
+		return nil, fmt.Errorf("no node %s", name)
+	}
+	if err := n.StopAgent(); err != nil {
+		return nil, err
+	}
+	var pods corev1.PodList
+	if err := c.Client.List(ctx, &pods); err != nil {
+		return nil, err
+	}
+	for i := range pods.Items {
+		if p := &pods.Items[i]; p.Spec.NodeName == name && p.Namespace != AgentNamespace {
+			if err := c.Client.Delete(ctx, p); err != nil && !apierrors.IsNotFound(err) {
+				return nil, err
+			}
+		}
+	}
+	if err := c.Net.RemoveNode(ctx, name); err != nil {
+		return nil, err
+	}
+	_ = os.Remove(wireguard.UAPISocketPath(n.Iface))
+	nn, err := c.Net.AddNode(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	n.Node = nn
+	if err := n.newBootID(); err != nil {
+		return nil, err
+	}
+	if err := c.forwardAPI(nn); err != nil {
+		return nil, err
+	}
+	return n, n.StartAgent()
 }
 
 func (c *Cluster) createNodeObject(ctx context.Context, nn *netenv.Node) error {
@@ -508,6 +576,7 @@ func (n *Node) StartAgent() error {
 		"--wireguard-iface", n.Iface,
 		"--status-period", "1s",
 		"--bpf-pin-dir", n.c.bpfDir,
+		"--boot-id-file", n.BootIDPath,
 	}, n.c.opts.AgentArgs...)
 	if n.c.opts.Backend != "" {
 		args = append(args, "--wireguard-backend", n.c.opts.Backend)
@@ -563,6 +632,16 @@ func (n *Node) stop(kill bool) error {
 	n.agent = nil
 	n.agentMu.Unlock()
 	return nil
+}
+
+// AgentPID returns the running agent's pid, 0 if none runs.
+func (n *Node) AgentPID() int {
+	n.agentMu.Lock()
+	defer n.agentMu.Unlock()
+	if n.agent == nil || n.agent.Process == nil {
+		return 0
+	}
+	return n.agent.Process.Pid
 }
 
 // RestartAgent stops and starts the agent.

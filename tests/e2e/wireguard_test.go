@@ -326,21 +326,47 @@ func TestWireGuardEndToEnd(t *testing.T) {
 	t.Run("a killed userspace device is recreated and reconfigured", func(t *testing.T) {
 		n3 := c.Node("n3")
 		pid := devicePID(t, n3.Iface)
+		// A stream from n3's pod runs across the kill: while n3 has no device, its pod
+		// traffic must be dropped (blackhole fallback), never routed to the underlay in clear.
+		mk := newMarker(t)
+		cpKill := capture(t, c, mk)
+		from3, to1 := n3.Pods()[0], c.Node("n1").Pods()[0]
+		stream, err := cluster.StartStream(from3, to1, to1.IPv4, 7005, mk, 5*time.Millisecond, 2000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(300 * time.Millisecond)
 		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
 		start := time.Now()
-		err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
+		err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
 			p, ok := findDevicePID(n3.Iface)
 			return ok && p != pid, nil
 		})
 		if err != nil {
 			t.Fatalf("no new device process for %s: %v", n3.Iface, err)
 		}
-		if _, err := c.WaitConverged(ctx, v1alpha1.ModeWireGuard, time.Minute); err != nil {
-			t.Fatal(err)
+		// Status may still show the state from before the kill: wait for the kernel's own
+		// view of n3 (peers on the new device, routes through it) to be whole again.
+		err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
+			peers, routes, err := tryDeviceState(n3)
+			return err == nil && len(peers) == 2 && len(routes) == 4, nil
+		})
+		if err != nil {
+			t.Fatal("n3's new device did not get its peers and routes back")
 		}
 		checkDevices(t, c)
+		time.Sleep(time.Second)
+		sent, received, lost := stream.Stop(300 * time.Millisecond)
+		t.Logf("stream from n3 across its device's death: sent %d, received %d, dropped %d while the device was gone; marker in clear: %d",
+			sent, received, len(lost), cpKill.Count(mk))
+		if cpKill.Count(mk) != 0 {
+			t.Fatalf("n3's pod traffic went out in clear %d times while its device was gone", cpKill.Count(mk))
+		}
+		if received == 0 {
+			t.Fatal("the stream never flowed")
+		}
 		m := newMarker(t)
 		cp := capture(t, c, m)
 		from, to := c.Node("n1").Pods()[0], n3.Pods()[0]
@@ -396,28 +422,34 @@ func publicKey(t *testing.T, c *cluster.Cluster, node string) string {
 // routes through netlink: the kernel's (or device's) own view, not the agent's report.
 func deviceState(t *testing.T, n *cluster.Node) (peers []string, routes []netip.Prefix) {
 	t.Helper()
-	wg, err := wgctrl.New()
+	peers, routes, err := tryDeviceState(n)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return peers, routes
+}
+
+// tryDeviceState is deviceState for polling: a device that is not there (yet) is an error.
+func tryDeviceState(n *cluster.Node) (peers []string, routes []netip.Prefix, err error) {
+	wg, err := wgctrl.New()
+	if err != nil {
+		return nil, nil, err
 	}
 	defer wg.Close()
 	dev, err := wg.Device(n.Iface)
 	if err != nil {
-		t.Fatalf("device %s of %s: %v", n.Iface, n.Name, err)
+		return nil, nil, fmt.Errorf("device %s of %s: %w", n.Iface, n.Name, err)
 	}
 	for _, p := range dev.Peers {
 		peers = append(peers, p.PublicKey.String())
 	}
 	h, err := n.NS.Handle()
 	if err != nil {
-		t.Fatal(err)
+		return nil, nil, err
 	}
 	defer h.Close()
 	routes, err = datapath.NewRoutes(h).Prefixes(0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return peers, routes
+	return peers, routes, err
 }
 
 // checkDevices verifies on every node that the device has exactly one peer per other node,
