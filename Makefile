@@ -39,8 +39,8 @@ test: deps build lint ## every test tier in order (needs root: netns, WireGuard 
 test-unit: ## unit and privileged package tests (pure logic, netns, routes, userspace WireGuard)
 	$(GOTEST) -timeout 10m ./pkg/... ./internal/... ./cmd/...
 
-test-api: ## control plane tests against a real kube-apiserver + etcd: harness, CRD validation
-	$(GOTEST) -timeout 10m ./tests/controlplane/ ./tests/api/
+test-api: ## control plane tests against a real kube-apiserver + etcd: harness, CRD validation, RBAC and admission, manifests and Helm chart (server-side dry-run)
+	$(GOTEST) -timeout 10m ./tests/controlplane/ ./tests/api/ ./tests/manifests/
 
 test-harness: ## the network-namespace harness itself
 	$(GOTEST) -timeout 10m ./tests/netenv/

@@ -13,12 +13,14 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/meshcrypt/meshcrypt/internal/logging"
 	"github.com/meshcrypt/meshcrypt/pkg/agent"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
 	"github.com/meshcrypt/meshcrypt/pkg/datapath"
+	"github.com/meshcrypt/meshcrypt/pkg/metrics"
 )
 
 func main() {
@@ -43,6 +45,7 @@ func newRootCmd() *cobra.Command {
 		backend     string
 		attach      string
 		clusterID   uint
+		metricsAddr string
 		underlayIPs []string
 	)
 	cmd := &cobra.Command{
@@ -92,7 +95,20 @@ func newRootCmd() *cobra.Command {
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			return a.Run(ctx)
+			g, ctx := errgroup.WithContext(ctx)
+			if metricsAddr != "" {
+				srv, err := metrics.NewServer(metrics.ServerOptions{Addr: metricsAddr, Gatherer: a.Gatherer(), Ready: a.Ready, Logger: log})
+				if err != nil {
+					return err
+				}
+				g.Go(func() error { return srv.Run(ctx) })
+			}
+			g.Go(func() error {
+				err := a.Run(ctx)
+				stop() // the agent is done: stop the metrics server too
+				return err
+			})
+			return g.Wait()
 		},
 	}
 	lf.register(cmd)
@@ -109,6 +125,7 @@ func newRootCmd() *cobra.Command {
 	f.IntVar(&opts.RulePriority, "rule-priority", 0, "priority of the rule that looks up the tunnel table (default 1000)")
 	f.DurationVar(&opts.ResyncPeriod, "resync-period", 0, "how often to re-apply the desired state (default 30s)")
 	f.DurationVar(&opts.StatusPeriod, "status-period", 0, "how often to refresh peer handshakes in status (default 10s)")
+	f.StringVar(&metricsAddr, "metrics-addr", fmt.Sprintf(":%d", metrics.DefaultPort), "listen address of /metrics, /healthz and /readyz (\"\" disables)")
 	f.StringVar(&attach, "attach-mode", "auto", "how the policy classifier attaches to pod interfaces: auto (TCX, else tc), tcx or tc")
 	f.StringVar(&opts.BPFPinDir, "bpf-pin-dir", "/sys/fs/bpf/meshcrypt", "bpffs directory where classifier maps and links are pinned (\"\" pins nothing)")
 	f.StringVar(&opts.ClusterName, "cluster-name", "default", "this cluster's name, part of every identity")

@@ -12,6 +12,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -38,6 +40,7 @@ import (
 	"github.com/meshcrypt/meshcrypt/pkg/datapath"
 	"github.com/meshcrypt/meshcrypt/pkg/identity"
 	identitykube "github.com/meshcrypt/meshcrypt/pkg/identity/kube"
+	"github.com/meshcrypt/meshcrypt/pkg/metrics"
 )
 
 // Log attribute keys.
@@ -111,6 +114,11 @@ type Agent struct {
 	log     *slog.Logger
 	scheme  *runtime.Scheme
 	trigger chan struct{}
+	rec     *metrics.Recorder
+	ready   atomic.Bool
+	// mu guards what metrics scrapes read while the loop changes it: dev, clf, nameByKey,
+	// peers.
+	mu sync.Mutex
 
 	// Set up in Run.
 	client     client.Client
@@ -197,18 +205,26 @@ func New(opts Options) (*Agent, error) {
 	if err := v1alpha1.AddToScheme(scheme); err != nil {
 		return nil, err
 	}
-	return &Agent{
+	a := &Agent{
 		opts:     opts,
 		log:      log.With(logNode, opts.NodeName),
 		scheme:   scheme,
 		trigger:  make(chan struct{}, 1),
 		attached: map[attachedLink]datapath.AttachMode{},
-	}, nil
+	}
+	a.rec = metrics.New(metrics.Options{Source: a, Logger: a.log})
+	return a, nil
 }
 
 // Run sets the node up and reconciles until ctx ends. On return the device, its peers and
 // the routes stay in place, so an agent restart does not interrupt traffic.
 func (a *Agent) Run(ctx context.Context) error {
+	if fi, err := os.Stat(a.opts.StateDir); err == nil && fi.IsDir() && fi.Mode().Perm()&0o077 != 0 {
+		// A kubelet-created hostPath directory is 0755: the key's directory is private.
+		if err := os.Chmod(a.opts.StateDir, 0o700); err != nil {
+			return fmt.Errorf("make state dir %s private: %w", a.opts.StateDir, err)
+		}
+	}
 	key, created, err := wireguard.LoadOrCreateKey(filepath.Join(a.opts.StateDir, KeyFileName))
 	if err != nil {
 		return fmt.Errorf("load WireGuard key: %w", err)
@@ -269,9 +285,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.opts.BPFPinDir != "" {
 		pin = filepath.Join(a.opts.BPFPinDir, a.opts.NodeName)
 	}
-	if a.clf, err = datapath.LoadClassifier(datapath.ClassifierOptions{PinPath: pin, Logger: a.log}); err != nil {
+	clf, err := datapath.LoadClassifier(datapath.ClassifierOptions{PinPath: pin, Logger: a.log})
+	if err != nil {
 		return err
 	}
+	a.mu.Lock()
+	a.clf = clf
+	a.mu.Unlock()
 	defer a.clf.Close()
 	ns, err := netns.Get()
 	if err != nil {
@@ -317,7 +337,9 @@ func (a *Agent) ensureDevice(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("set up WireGuard device %s: %w", a.opts.WireGuard.Iface, err)
 	}
+	a.mu.Lock()
 	a.dev = dev
+	a.mu.Unlock()
 	if cur, err := dev.Device(ctx); err == nil && len(cur.Peers) == 0 {
 		a.promptNext = true // a new (or empty) device: see applyPrompt
 	}
@@ -486,7 +508,13 @@ func (a *Agent) loop(ctx context.Context) error {
 			}
 			// The status read found the device gone: reconcile now, which recreates it.
 		}
+		start := time.Now()
 		err := a.reconcile(ctx)
+		a.rec.ObserveReconcile(time.Since(start), err)
+		a.rec.SetMode(string(a.applied))
+		if err == nil {
+			a.ready.Store(true)
+		}
 		a.lastErr = err
 		if perr := a.publishStatus(ctx); perr != nil {
 			a.log.Warn("publish status", "err", perr)
@@ -551,10 +579,13 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	peers, skips := peersFromMeshNodes(a.opts.NodeName, local, list.Items, assigned)
 	a.reportSkips(&list, skips)
 	a.skips = skips
-	a.nameByKey = make(map[wgtypes.Key]string, len(peers))
+	nameByKey := make(map[wgtypes.Key]string, len(peers))
 	for _, p := range peers {
-		a.nameByKey[p.PublicKey] = p.Name
+		nameByKey[p.PublicKey] = p.Name
 	}
+	a.mu.Lock()
+	a.nameByKey = nameByKey
+	a.mu.Unlock()
 
 	cfg := wireguard.Config{PrivateKey: a.key, ListenPort: a.opts.WireGuard.ListenPort}
 	route := datapath.RouteConfig{Device: a.dev.Name(), Table: a.opts.RouteTable, RulePriority: a.opts.RulePriority}
@@ -581,7 +612,9 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		if rst, err = a.routes.Apply(ctx, route); err != nil {
 			return fmt.Errorf("configure tunnel routes: %w", err)
 		}
+		a.mu.Lock()
 		a.peers = peers
+		a.mu.Unlock()
 		if err := a.applyPolicy(ctx, plan, list.Items, readyNodes(peers)); err != nil {
 			return err
 		}
@@ -597,7 +630,9 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		if wst, err = a.applyDevice(ctx, cfg); err != nil {
 			return fmt.Errorf("remove WireGuard peers: %w", err)
 		}
+		a.mu.Lock()
 		a.peers = nil
+		a.mu.Unlock()
 	}
 	if a.applied != mode {
 		a.log.Info("encryption mode applied", "mode", mode, "peers", len(a.peers))

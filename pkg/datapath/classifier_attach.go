@@ -373,6 +373,13 @@ func inNetns(ns netns.NsHandle, fn func() error) error {
 			return
 		}
 		defer orig.Close()
+		if orig.Equal(ns) {
+			// Already there (the agent runs in the node's namespace): no setns, which
+			// needs CAP_SYS_ADMIN.
+			runtime.UnlockOSThread()
+			errc <- fn()
+			return
+		}
 		if err := netns.Set(ns); err != nil {
 			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("enter netns: %w", err)

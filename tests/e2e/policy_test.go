@@ -235,6 +235,10 @@ func testPolicy(t *testing.T, attach string) {
 		}
 	})
 
+	t.Run("the agent's metrics move with traffic", func(t *testing.T) {
+		checkMetrics(t, n1, func() { reaches(other, db, 7100, m, time.Second) })
+	})
+
 	t.Run("encryption Required drops instead of sending in clear", func(t *testing.T) {
 		var pol v1alpha1.MeshPolicy
 		if err := c.Client.Get(ctx, client.ObjectKeyFromObject(policy), &pol); err != nil {

@@ -1,0 +1,90 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
+	"github.com/meshcrypt/meshcrypt/pkg/metrics"
+)
+
+var _ metrics.Source = (*Agent)(nil)
+
+// Gatherer is what the agent's /metrics serves.
+func (a *Agent) Gatherer() prometheus.Gatherer { return a.rec.Gatherer() }
+
+// Ready is nil once the informers have synced and a reconcile has succeeded; /readyz serves
+// it. Safe for concurrent use.
+func (a *Agent) Ready() error {
+	if !a.ready.Load() {
+		return errors.New("not reconciled yet")
+	}
+	return nil
+}
+
+// Peers implements metrics.Source: the device's own view of its peers.
+func (a *Agent) Peers(ctx context.Context) ([]metrics.Peer, error) {
+	a.mu.Lock()
+	dev, names, want := a.dev, a.nameByKey, a.peers
+	a.mu.Unlock()
+	if dev == nil || len(want) == 0 {
+		return nil, nil
+	}
+	d, err := dev.Device(ctx)
+	if err != nil {
+		return nil, err
+	}
+	wantKey := map[string]string{}
+	for _, p := range want {
+		wantKey[p.Name] = p.PublicKey.String()
+	}
+	var out []metrics.Peer
+	for _, p := range d.Peers {
+		name, ok := names[p.PublicKey]
+		if !ok {
+			continue
+		}
+		out = append(out, metrics.Peer{
+			Name:          name,
+			Fingerprint:   wireguard.Fingerprint(p.PublicKey),
+			LastHandshake: p.LastHandshakeTime,
+			ReceiveBytes:  uint64(max(p.ReceiveBytes, 0)),
+			TransmitBytes: uint64(max(p.TransmitBytes, 0)),
+			Ready:         wantKey[name] == p.PublicKey.String(),
+		})
+	}
+	return out, nil
+}
+
+// Verdicts implements metrics.Source: the classifier's counters by reason.
+func (a *Agent) Verdicts(context.Context) ([]metrics.Verdict, error) {
+	a.mu.Lock()
+	clf := a.clf
+	a.mu.Unlock()
+	if clf == nil {
+		return nil, nil
+	}
+	cs, err := clf.Counters()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]metrics.Verdict, 0, len(cs))
+	for r, c := range cs {
+		out = append(out, metrics.Verdict{Reason: r.String(), Dropped: r.Dropped(), Packets: c.Packets, Bytes: c.Bytes})
+	}
+	return out, nil
+}
+
+// KeyAge implements metrics.Source: the age of the private key file.
+func (a *Agent) KeyAge() (time.Duration, bool) {
+	fi, err := os.Stat(filepath.Join(a.opts.StateDir, KeyFileName))
+	if err != nil {
+		return 0, false
+	}
+	return time.Since(fi.ModTime()), true
+}
