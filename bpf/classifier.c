@@ -58,6 +58,14 @@ struct {
 	__type(value, struct enforce_val);
 } enforce SEC(".maps");
 
+/* config[0]: node-wide flags (CONFIG_STRICT). An array, so it always has its entry (zero). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} config SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, METRICS_MAX_ENTRIES);
@@ -372,12 +380,16 @@ static __always_inline int classify(struct __sk_buff *skb, const int from_pod)
 		return account(skb, REASON_DENIED_INGRESS, VERDICT_DROP);
 
 	/* Traffic to a remote pod that must be encrypted never leaves in clear: without a ready
-	 * tunnel for the destination it is dropped here. */
+	 * tunnel for the destination it is dropped here. Strict mode requires it of all. */
 	if (from_pod && !(dst.flags & IPCACHE_LOCAL_POD) && (dst.flags & IPCACHE_REMOTE_POD) &&
-	    !(dst.flags & IPCACHE_TUNNEL_READY) &&
-	    (((pf_egress | pf_ingress) & POLICY_ENCRYPT) ||
-	     ((ef_src | ef_dst) & ENFORCE_ENCRYPT)))
-		return account(skb, REASON_DROP_NOT_ENCRYPTED, VERDICT_DROP);
+	    !(dst.flags & IPCACHE_TUNNEL_READY)) {
+		__u32 zero = 0;
+		__u32 *cfg = bpf_map_lookup_elem(&config, &zero);
+
+		if ((cfg && (*cfg & CONFIG_STRICT)) || ((pf_egress | pf_ingress) & POLICY_ENCRYPT) ||
+		    ((ef_src | ef_dst) & ENFORCE_ENCRYPT))
+			return account(skb, REASON_DROP_NOT_ENCRYPTED, VERDICT_DROP);
+	}
 
 	if ((ef_src | ef_dst) & ENFORCE_DENY)
 		return account(skb, REASON_ALLOWED, VERDICT_PASS);

@@ -84,4 +84,7 @@ struct metrics_val {
 	__u64 bytes;
 };
 
+/* config[0] flags. */
+#define CONFIG_STRICT (1U << 0) /* every packet to a remote pod needs a ready tunnel */
+
 #endif /* MESHCRYPT_DATAPATH_H */

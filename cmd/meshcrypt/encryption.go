@@ -49,6 +49,7 @@ func newEncryptionCmd(g *globals) *cobra.Command {
 		Short: "turn encryption of pod traffic between nodes on or off for the whole cluster",
 	}
 	var mode string
+	var strict bool
 	var wf waitFlags
 	enable := &cobra.Command{
 		Use:   "enable --mode wireguard [--wait]",
@@ -59,10 +60,11 @@ func newEncryptionCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return setMode(cmd.Context(), g, cmd.OutOrStdout(), m, wf)
+			return setMode(cmd.Context(), g, cmd.OutOrStdout(), m, strict, wf)
 		},
 	}
 	enable.Flags().StringVar(&mode, "mode", "", "encryption mode: wireguard")
+	enable.Flags().BoolVar(&strict, "strict", false, "drop, never send in clear, pod traffic to nodes whose tunnel is not ready")
 	_ = enable.MarkFlagRequired("mode")
 	wf.register(enable)
 	var dwf waitFlags
@@ -71,7 +73,7 @@ func newEncryptionCmd(g *globals) *cobra.Command {
 		Short: "send pod traffic between nodes in clear (removes every tunnel)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return setMode(cmd.Context(), g, cmd.OutOrStdout(), v1alpha1.ModeDisabled, dwf)
+			return setMode(cmd.Context(), g, cmd.OutOrStdout(), v1alpha1.ModeDisabled, false, dwf)
 		},
 	}
 	dwf.register(disable)
@@ -81,7 +83,7 @@ func newEncryptionCmd(g *globals) *cobra.Command {
 
 // setMode writes the mode into the MeshConfig (creating it if needed) and, with --wait,
 // follows every node until it has applied it.
-func setMode(ctx context.Context, g *globals, out io.Writer, mode v1alpha1.EncryptionMode, wf waitFlags) error {
+func setMode(ctx context.Context, g *globals, out io.Writer, mode v1alpha1.EncryptionMode, strict bool, wf waitFlags) error {
 	c, err := g.client()
 	if err != nil {
 		return err
@@ -94,6 +96,7 @@ func setMode(ctx context.Context, g *globals, out io.Writer, mode v1alpha1.Encry
 			previous = v1alpha1.ModeDisabled
 			mc = v1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: v1alpha1.MeshConfigName}}
 			mc.Spec.Encryption.Mode = mode
+			mc.Spec.Encryption.Strict = strict
 			return c.Create(ctx, &mc)
 		}
 		if err != nil {
@@ -101,12 +104,17 @@ func setMode(ctx context.Context, g *globals, out io.Writer, mode v1alpha1.Encry
 		}
 		previous = mc.Spec.Encryption.Mode
 		mc.Spec.Encryption.Mode = mode
+		mc.Spec.Encryption.Strict = strict
 		return c.Update(ctx, &mc)
 	})
 	if err != nil {
 		return fmt.Errorf("set MeshConfig %s mode %s: %w", v1alpha1.MeshConfigName, mode, explainAPIError(err, "update", "meshconfigs"))
 	}
-	fmt.Fprintf(out, "encryption mode %s -> %s\n", previous, mode)
+	if strict {
+		fmt.Fprintf(out, "encryption mode %s -> %s (strict)\n", previous, mode)
+	} else {
+		fmt.Fprintf(out, "encryption mode %s -> %s\n", previous, mode)
+	}
 	if !wf.wait {
 		return nil
 	}

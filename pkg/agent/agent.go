@@ -121,22 +121,23 @@ type Agent struct {
 	mu sync.Mutex
 
 	// Set up in Run.
-	client     client.Client
-	cache      cache.Cache
-	recorder   record.EventRecorder
-	key        wgtypes.Key
-	bootID     string
-	mtu        int
-	nl         *netlink.Handle
-	dev        wireguard.Device
-	promptNext bool // prompt handshakes on the next configuration with peers
-	routes     *datapath.Routes
-	nameByKey  map[wgtypes.Key]string
-	lastSkips  string
-	lastErr    error
-	applied    v1alpha1.EncryptionMode
-	skips      []skip
-	peers      []wireguard.Peer
+	client        client.Client
+	cache         cache.Cache
+	recorder      record.EventRecorder
+	key           wgtypes.Key
+	bootID        string
+	mtu           int
+	nl            *netlink.Handle
+	dev           wireguard.Device
+	promptNext    bool // prompt handshakes on the next configuration with peers
+	routes        *datapath.Routes
+	nameByKey     map[wgtypes.Key]string
+	lastSkips     string
+	lastErr       error
+	applied       v1alpha1.EncryptionMode
+	appliedStrict bool
+	skips         []skip
+	peers         []wireguard.Peer
 
 	// Identity and policy (policy.go).
 	alloc         *identity.Allocator
@@ -593,6 +594,23 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	plan.assigned = assigned
+	strict := mode == v1alpha1.ModeWireGuard && mc.Spec.Encryption.Strict
+	if strict {
+		// Strict first: from here on a remote pod without a ready tunnel is unreachable.
+		if err := a.clf.SetStrict(true); err != nil {
+			return err
+		}
+		for node, cidrs := range assigned {
+			if node != a.opts.NodeName {
+				route.Blocked = append(route.Blocked, cidrs...)
+			}
+		}
+	} else if err := a.clf.SetStrict(false); err != nil {
+		// Off before any tunnel stops being ready, or everything to remote pods would drop.
+		return err
+	}
+	a.appliedStrict = strict
 	var wst wireguard.PlanStats
 	var rst datapath.RouteStats
 	switch mode {
@@ -715,6 +733,7 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 	}
 	st := mn.Status.DeepCopy()
 	st.Mode = a.applied
+	st.Strict = a.appliedStrict
 	st.Backend = v1alpha1.WireGuardBackend(a.dev.Backend())
 	st.TunnelMTU = int32(a.mtu)
 	if a.attachMode != datapath.AttachAuto {

@@ -21,7 +21,11 @@ type podEntry struct {
 // configured), every node's underlay address to host (this node) or remote-node, and every
 // remote pod CIDR to world with the remote and tunnel-ready flags, so that traffic to a pod
 // not yet known is still recognised as cross-node. Host routes win over CIDRs in the LPM trie.
-func ipcacheEntries(self string, pods []podEntry, nodes []v1alpha1.MeshNode, tunnelReady map[string]bool) map[netip.Prefix]datapath.IPCacheEntry {
+//
+// assigned are the pod CIDRs Kubernetes assigned to each node: a node with no (usable)
+// MeshNode still has its pods recognised as remote, so strict mode and Required policies drop
+// traffic to them instead of letting it out in clear.
+func ipcacheEntries(self string, pods []podEntry, nodes []v1alpha1.MeshNode, tunnelReady map[string]bool, assigned map[string][]netip.Prefix) map[netip.Prefix]datapath.IPCacheEntry {
 	out := map[netip.Prefix]datapath.IPCacheEntry{}
 	remote := func(node string) datapath.IPCacheFlags {
 		f := datapath.IPCacheRemotePod
@@ -47,6 +51,16 @@ func ipcacheEntries(self string, pods []podEntry, nodes []v1alpha1.MeshNode, tun
 		for _, s := range mn.Spec.PodCIDRs {
 			if p, err := netip.ParsePrefix(string(s)); err == nil && p == p.Masked() {
 				out[p] = datapath.IPCacheEntry{Identity: uint32(identity.World), Flags: remote(mn.Name)}
+			}
+		}
+	}
+	for node, cidrs := range assigned {
+		if node == self {
+			continue
+		}
+		for _, p := range cidrs {
+			if _, ok := out[p]; !ok {
+				out[p] = datapath.IPCacheEntry{Identity: uint32(identity.World), Flags: remote(node)}
 			}
 		}
 	}

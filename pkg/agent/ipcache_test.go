@@ -38,7 +38,9 @@ func TestIPCacheEntries(t *testing.T) {
 		p("10.244.2.10/32"):     {Identity: 301, Flags: remoteReady},
 		p("10.244.3.10/32"):     {Identity: 302, Flags: datapath.IPCacheRemotePod}, // n3's tunnel is not ready
 	}
-	got := ipcacheEntries("n1", pods, nodes, map[string]bool{"n2": true})
+	want[p("10.244.4.0/24")] = datapath.IPCacheEntry{Identity: uint32(identity.World), Flags: datapath.IPCacheRemotePod} // a Node without MeshNode
+	assigned := map[string][]netip.Prefix{"n1": {p("10.244.1.0/24")}, "n2": {p("10.244.2.0/24")}, "n4": {p("10.244.4.0/24")}}
+	got := ipcacheEntries("n1", pods, nodes, map[string]bool{"n2": true}, assigned)
 	if d := cmp.Diff(want, got, cmpNetip); d != "" {
 		t.Errorf("(-want +got):\n%s", d)
 	}

@@ -44,10 +44,11 @@ func managedPod(pod *corev1.Pod) bool {
 // policyPlan is the classifier state computed from the cluster, less the tunnel-ready flags,
 // which depend on the moment it is applied (see reconcile).
 type policyPlan struct {
-	pods    []podEntry
-	allow   map[datapath.PolicyKey]datapath.PolicyValue
-	enforce map[datapath.EnforceKey]datapath.EnforceValue
-	stats   string
+	pods     []podEntry
+	assigned map[string][]netip.Prefix // pod CIDRs Kubernetes assigned to each node
+	allow    map[datapath.PolicyKey]datapath.PolicyValue
+	enforce  map[datapath.EnforceKey]datapath.EnforceValue
+	stats    string
 }
 
 // planPolicy gives every pod its identity (allocating new ones) and compiles the policies.
@@ -124,7 +125,7 @@ func (a *Agent) planPolicy(ctx context.Context) (*policyPlan, error) {
 // reachable through a ready tunnel, and attaches the classifier to every local pod. Maps are
 // filled before programs are attached, so a program never sees empty maps.
 func (a *Agent) applyPolicy(ctx context.Context, plan *policyPlan, meshNodes []v1alpha1.MeshNode, tunnelReady map[string]bool) error {
-	ipc := ipcacheEntries(a.opts.NodeName, plan.pods, meshNodes, tunnelReady)
+	ipc := ipcacheEntries(a.opts.NodeName, plan.pods, meshNodes, tunnelReady, plan.assigned)
 	ist, err := a.clf.ApplyIPCache(ctx, ipc)
 	if err != nil {
 		return fmt.Errorf("apply ipcache: %w", err)

@@ -468,6 +468,23 @@ func checkEnforceEntry(k EnforceKey, _ EnforceValue) error {
 	return nil
 }
 
+// SetStrict sets strict mode: every packet from a local pod to a remote pod whose tunnel is
+// not ready is dropped (and counted as ReasonDropNotEncrypted), policy or not. Idempotent,
+// safe for concurrent use.
+func (c *Classifier) SetStrict(strict bool) error {
+	var flags uint32
+	if strict {
+		flags = configStrict
+	}
+	if err := c.objs.Config.Update(uint32(0), flags, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("set classifier strict mode: %w", err)
+	}
+	return nil
+}
+
+// configStrict is CONFIG_STRICT of bpf/include/datapath.h.
+const configStrict uint32 = 1 << 0
+
 // Counters returns the classifier's counters for every reason, summed over CPUs.
 func (c *Classifier) Counters() (Counters, error) {
 	out := make(Counters, NumReasons)

@@ -62,6 +62,7 @@ type classifierPolicyVal struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	classifierMapConfig       = "config"
 	classifierMapEnforce      = "enforce"
 	classifierMapIpcache      = "ipcache"
 	classifierMapMetrics      = "metrics"
@@ -122,6 +123,7 @@ type classifierProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type classifierMapSpecs struct {
+	Config  *ebpf.MapSpec `ebpf:"config"`
 	Enforce *ebpf.MapSpec `ebpf:"enforce"`
 	Ipcache *ebpf.MapSpec `ebpf:"ipcache"`
 	Metrics *ebpf.MapSpec `ebpf:"metrics"`
@@ -154,6 +156,7 @@ func (o *classifierObjects) Close() error {
 //
 // It can be passed to loadClassifierObjects or ebpf.CollectionSpec.LoadAndAssign.
 type classifierMaps struct {
+	Config  *ebpf.Map `ebpf:"config"`
 	Enforce *ebpf.Map `ebpf:"enforce"`
 	Ipcache *ebpf.Map `ebpf:"ipcache"`
 	Metrics *ebpf.Map `ebpf:"metrics"`
@@ -162,6 +165,7 @@ type classifierMaps struct {
 
 func (m *classifierMaps) Close() error {
 	return _ClassifierClose(
+		m.Config,
 		m.Enforce,
 		m.Ipcache,
 		m.Metrics,

@@ -119,6 +119,10 @@ func TestClassifierMatchesModel(t *testing.T) {
 		if _, err := c.ApplyPolicy(ctx, m.policy, m.enforce); err != nil {
 			t.Fatal(err)
 		}
+		m.strict = w%3 == 0
+		if err := c.SetStrict(m.strict); err != nil {
+			t.Fatal(err)
+		}
 		for i := range packets {
 			frame := randomPacket(rng, addrs)
 			for _, fromPod := range []bool{true, false} {

@@ -327,6 +327,7 @@ type model struct {
 	ipcache map[netip.Prefix]IPCacheEntry
 	policy  map[PolicyKey]PolicyValue
 	enforce map[EnforceKey]EnforceValue
+	strict  bool // every packet to a remote pod needs a ready tunnel
 }
 
 // lookup is a longest-prefix match by brute force; a miss is world.
@@ -386,7 +387,7 @@ func (m *model) decide(fromPod bool, pkt modelPacket) Reason {
 	}
 	es := m.enforce[EnforceKey{src.Identity, Egress}].Flags
 	ed := m.enforce[EnforceKey{dst.Identity, Ingress}].Flags
-	mustEncrypt := (fe|fi)&PolicyEncrypt != 0 || (es|ed)&EnforceEncrypt != 0
+	mustEncrypt := m.strict || (fe|fi)&PolicyEncrypt != 0 || (es|ed)&EnforceEncrypt != 0
 	if dst.Flags&IPCacheLocalPod == 0 && dst.Flags&IPCacheRemotePod != 0 && mustEncrypt &&
 		dst.Flags&IPCacheTunnelReady == 0 {
 		return ReasonDropNotEncrypted

@@ -27,8 +27,12 @@ const routeProtocol netlink.RouteProtocol = 0x6d
 type RouteConfig struct {
 	// Device is the tunnel device the routes point at.
 	Device string
-	// Prefixes are the destinations routed through Device. Empty removes every route and rule.
+	// Prefixes are the destinations routed through Device. Empty (with Blocked) removes every
+	// route and rule.
 	Prefixes []netip.Prefix
+	// Blocked are destinations with a blackhole route only (strict mode: remote pods whose
+	// tunnel is not ready are dropped, never routed to the underlay).
+	Blocked []netip.Prefix
 	// Table and RulePriority default to DefaultTable and DefaultRulePriority.
 	Table, RulePriority int
 }
@@ -72,12 +76,17 @@ func (r *Routes) Apply(ctx context.Context, cfg RouteConfig) (RouteStats, error)
 	if cfg.RulePriority == 0 {
 		cfg.RulePriority = DefaultRulePriority
 	}
-	want := map[netip.Prefix]bool{}
+	want := map[netip.Prefix]bool{}   // every prefix with a blackhole
+	tunnel := map[netip.Prefix]bool{} // those also routed through the device
 	for _, p := range cfg.Prefixes {
+		want[p.Masked()] = true
+		tunnel[p.Masked()] = true
+	}
+	for _, p := range cfg.Blocked {
 		want[p.Masked()] = true
 	}
 	var link netlink.Link
-	if len(want) > 0 {
+	if len(tunnel) > 0 {
 		l, err := r.h.LinkByName(cfg.Device)
 		if err != nil {
 			return st, fmt.Errorf("find tunnel device %s: %w", cfg.Device, err)
@@ -103,7 +112,7 @@ func (r *Routes) Apply(ctx context.Context, cfg RouteConfig) (RouteStats, error)
 		// without a route in the table while it is wanted.
 		for _, blackhole := range []bool{true, false} {
 			for p := range want {
-				if familyOf(p) != family {
+				if familyOf(p) != family || (!blackhole && !tunnel[p]) {
 					continue
 				}
 				cur, ok := have[routeKey{p, blackhole}]
@@ -121,7 +130,7 @@ func (r *Routes) Apply(ctx context.Context, cfg RouteConfig) (RouteStats, error)
 			}
 		}
 		for k, cur := range have {
-			if want[k.dst] {
+			if (k.blackhole && want[k.dst]) || (!k.blackhole && tunnel[k.dst]) {
 				continue
 			}
 			if err := r.h.RouteDel(&cur); err != nil && !errors.Is(err, unix.ESRCH) {

@@ -3,6 +3,7 @@ package datapath
 import (
 	"context"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -40,7 +41,10 @@ func TestRoutesApply(t *testing.T) {
 		{"one change is one route and its fallback", RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{a, c}}, RouteStats{Removed: 2}, []netip.Prefix{a, c}, 2},
 		{"v6 gone drops its rule", RouteConfig{Device: "tun0", Prefixes: []netip.Prefix{a}}, RouteStats{Removed: 2, RulesRemoved: 1}, []netip.Prefix{a}, 1},
 		{"device change moves the route", RouteConfig{Device: "tun1", Prefixes: []netip.Prefix{a}}, RouteStats{Added: 1}, []netip.Prefix{a}, 1},
-		{"empty removes everything", RouteConfig{Device: "tun1"}, RouteStats{Removed: 2, RulesRemoved: 1}, nil, 0},
+		{"strict: a blocked prefix has only its blackhole", RouteConfig{Device: "tun1", Prefixes: []netip.Prefix{a}, Blocked: []netip.Prefix{b}}, RouteStats{Added: 1}, []netip.Prefix{a}, 1},
+		{"a blocked prefix becomes a tunnel", RouteConfig{Device: "tun1", Prefixes: []netip.Prefix{a, b}}, RouteStats{Added: 1}, []netip.Prefix{a, b}, 1},
+		{"a tunnel becomes blocked", RouteConfig{Device: "tun1", Prefixes: []netip.Prefix{a}, Blocked: []netip.Prefix{b}}, RouteStats{Removed: 1}, []netip.Prefix{a}, 1},
+		{"empty removes everything", RouteConfig{Device: "tun1"}, RouteStats{Removed: 3, RulesRemoved: 1}, nil, 0},
 	}
 	for _, st := range steps {
 		got, err := r.Apply(ctx, st.cfg)
@@ -61,7 +65,9 @@ func TestRoutesApply(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if d := cmp.Diff(st.want, fb, cmpopts.EquateComparable(netip.Prefix{})); d != "" {
+		wantFB := append(slices.Clone(st.want), st.cfg.Blocked...)
+		slices.SortFunc(wantFB, func(x, y netip.Prefix) int { return x.Addr().Compare(y.Addr()) })
+		if d := cmp.Diff(wantFB, fb, cmpopts.EquateComparable(netip.Prefix{})); d != "" {
 			t.Errorf("%s: blackhole fallbacks (-want +got):\n%s", st.name, d)
 		}
 		rules := 0

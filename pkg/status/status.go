@@ -19,6 +19,8 @@ import (
 type Report struct {
 	// Mode is the configured encryption mode.
 	Mode v1alpha1.EncryptionMode `json:"mode"`
+	// Strict is the configured strict mode.
+	Strict bool `json:"strict"`
 	// Compliant is true when encryption is on and every node pair is encrypted.
 	Compliant bool `json:"compliant"`
 	// Verdict is a one-line summary.
@@ -58,6 +60,11 @@ func Compute(cfg *v1alpha1.MeshConfig, nodes []v1alpha1.MeshNode) Report {
 	r := Report{Mode: v1alpha1.ModeDisabled}
 	if cfg != nil && cfg.Spec.Encryption.Mode != "" {
 		r.Mode = cfg.Spec.Encryption.Mode
+		r.Strict = cfg.Spec.Encryption.Strict
+	}
+	modeText := string(r.Mode)
+	if r.Strict {
+		modeText += ", strict"
 	}
 	nodes = slices.Clone(nodes)
 	slices.SortFunc(nodes, func(a, b v1alpha1.MeshNode) int { return strings.Compare(a.Name, b.Name) })
@@ -89,7 +96,7 @@ func Compute(cfg *v1alpha1.MeshConfig, nodes []v1alpha1.MeshNode) Report {
 	encrypted := 0
 	for i := range nodes {
 		for j := i + 1; j < len(nodes); j++ {
-			p := pair(r.Mode, &nodes[i], &nodes[j])
+			p := pair(r.Mode, r.Strict, &nodes[i], &nodes[j])
 			if p.Encrypted {
 				encrypted++
 			}
@@ -102,19 +109,19 @@ func Compute(cfg *v1alpha1.MeshConfig, nodes []v1alpha1.MeshNode) Report {
 		r.Verdict = fmt.Sprintf("not compliant: encryption is disabled (%d node pairs in clear)", total)
 	case len(nodes) < 2:
 		r.Compliant = true
-		r.Verdict = fmt.Sprintf("compliant: %d node, no node pairs (%s)", len(nodes), r.Mode)
+		r.Verdict = fmt.Sprintf("compliant: %d node, no node pairs (%s)", len(nodes), modeText)
 	case encrypted == total:
 		r.Compliant = true
-		r.Verdict = fmt.Sprintf("compliant: all %d node pairs encrypted (%s)", total, r.Mode)
+		r.Verdict = fmt.Sprintf("compliant: all %d node pairs encrypted (%s)", total, modeText)
 	default:
-		r.Verdict = fmt.Sprintf("not compliant: %d of %d node pairs encrypted (%s)", encrypted, total, r.Mode)
+		r.Verdict = fmt.Sprintf("not compliant: %d of %d node pairs encrypted (%s)", encrypted, total, modeText)
 	}
 	return r
 }
 
 // pair judges the tunnel between a and b from both sides: each must have applied the mode
 // and configured the other with the key the other currently announces.
-func pair(mode v1alpha1.EncryptionMode, a, b *v1alpha1.MeshNode) Pair {
+func pair(mode v1alpha1.EncryptionMode, strict bool, a, b *v1alpha1.MeshNode) Pair {
 	p := Pair{A: a.Name, B: b.Name}
 	ab, okAB := peerOf(a, b)
 	ba, okBA := peerOf(b, a)
@@ -131,6 +138,10 @@ func pair(mode v1alpha1.EncryptionMode, a, b *v1alpha1.MeshNode) Pair {
 		p.Reason = "encryption disabled"
 	case a.Status.Mode != mode:
 		p.Reason = fmt.Sprintf("%s has not applied %s", a.Name, mode)
+	case strict && !a.Status.Strict:
+		p.Reason = fmt.Sprintf("%s has not applied strict mode", a.Name)
+	case strict && !b.Status.Strict:
+		p.Reason = fmt.Sprintf("%s has not applied strict mode", b.Name)
 	case b.Status.Mode != mode:
 		p.Reason = fmt.Sprintf("%s has not applied %s", b.Name, mode)
 	case !okAB:
@@ -165,7 +176,11 @@ func (r Report) WriteJSON(w io.Writer) error {
 // ages are relative to now.
 func (r Report) WriteTable(w io.Writer, now time.Time) error {
 	fmt.Fprintln(w, r.Verdict)
-	fmt.Fprintf(w, "mode: %s\n\n", r.Mode)
+	if r.Strict {
+		fmt.Fprintf(w, "mode: %s, strict\n\n", r.Mode)
+	} else {
+		fmt.Fprintf(w, "mode: %s\n\n", r.Mode)
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "NODE\tMODE\tBACKEND\tKEY\tPEERS READY\tMTU\tREADY")
 	for _, n := range r.Nodes {

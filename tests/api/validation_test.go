@@ -114,6 +114,11 @@ func TestMeshConfigValidation(t *testing.T) {
 	if err := c.Create(ctx, other); err == nil || !strings.Contains(err.Error(), "named default") {
 		t.Errorf("MeshConfig named other: err = %v, want the one-named-default rule", err)
 	}
+	mc.Spec.Encryption.Strict = true
+	if err := c.Update(ctx, mc); err == nil || !strings.Contains(err.Error(), "strict needs an encryption mode") {
+		t.Errorf("strict with mode Disabled: err = %v, want the strict rule", err)
+	}
+	mc.Spec.Encryption.Strict = false
 	mc.Spec.Encryption.Mode = "Rot13"
 	if err := c.Update(ctx, mc); !apierrors.IsInvalid(err) || !strings.Contains(err.Error(), "Unsupported value") {
 		t.Errorf("mode Rot13: err = %v, want Invalid with the allowed values", err)

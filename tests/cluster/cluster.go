@@ -263,6 +263,17 @@ func (c *Cluster) Node(name string) *Node {
 // AddNode creates a node namespace, its Kubernetes Node (pod CIDRs, InternalIPs), and starts
 // its agent.
 func (c *Cluster) AddNode(ctx context.Context, name string) (*Node, error) {
+	n, err := c.AddNodeWithoutAgent(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	return n, n.StartAgent()
+}
+
+// AddNodeWithoutAgent is AddNode up to, not including, starting the agent: the node exists
+// for Kubernetes (Node object, pod CIDRs, namespaces and routes) but has announced nothing,
+// as a joining node does before its agent runs. StartAgent starts it.
+func (c *Cluster) AddNodeWithoutAgent(ctx context.Context, name string) (*Node, error) {
 	nn, err := c.Net.AddNode(ctx, name)
 	if err != nil {
 		return nil, err
@@ -302,9 +313,6 @@ func (c *Cluster) AddNode(ctx context.Context, name string) (*Node, error) {
 	c.mu.Lock()
 	c.nodes[name] = n
 	c.mu.Unlock()
-	if err := n.StartAgent(); err != nil {
-		return nil, err
-	}
 	return n, nil
 }
 

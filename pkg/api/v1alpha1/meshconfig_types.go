@@ -42,11 +42,16 @@ type MeshConfigSpec struct {
 }
 
 // EncryptionSpec selects the encryption mode.
+// +kubebuilder:validation:XValidation:rule="!has(self.strict) || !self.strict || self.mode != 'Disabled'",message="strict needs an encryption mode"
 type EncryptionSpec struct {
 	// Mode is the encryption mode; Disabled sends pod traffic in clear over the underlay.
 	// +kubebuilder:default=Disabled
 	// +optional
 	Mode EncryptionMode `json:"mode,omitempty"`
+	// Strict drops, never sends in clear, pod traffic to a remote node whose tunnel is not
+	// ready (a node joining, a refused or restarting peer), counted as drop_not_encrypted.
+	// +optional
+	Strict bool `json:"strict,omitempty"`
 }
 
 // MeshConfigList is a list of MeshConfig.

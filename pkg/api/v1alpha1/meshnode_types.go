@@ -100,6 +100,9 @@ type MeshNodeStatus struct {
 	// Mode is the encryption mode the agent has applied.
 	// +optional
 	Mode EncryptionMode `json:"mode,omitempty"`
+	// Strict is true when the agent drops pod traffic to remote nodes without a ready tunnel.
+	// +optional
+	Strict bool `json:"strict,omitempty"`
 	// Backend is the WireGuard implementation in use.
 	// +optional
 	Backend WireGuardBackend `json:"backend,omitempty"`
