@@ -23,13 +23,15 @@ build: ## build bin/meshcrypt-agent and bin/meshcrypt
 generate: ## regenerate deepcopy code, CRD manifests and the BPF objects (commit the result)
 	$(GO) tool controller-gen object paths=./pkg/api/... crd:crdVersions=v1 output:crd:artifacts:config=manifests/crds
 	$(GO) generate ./pkg/datapath/
+	cp manifests/crds/*.yaml manifests/helm/meshcrypt/crds/
+	$(GO) test -count=1 -run 'TestInstallManifest|TestChartDefault' ./tests/manifests/ -update >/dev/null
 
 lint: ## gofmt, go vet, staticcheck, and generated code up to date
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt wants to change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
 	@$(MAKE) --no-print-directory generate >/dev/null
-	@git diff --exit-code --stat -- manifests/crds pkg/api pkg/datapath/classifier_bpfel.go pkg/datapath/classifier_bpfel.o || (echo "generated files are stale: run make generate and commit"; exit 1)
+	@git diff --exit-code --stat -- manifests/crds manifests/helm/meshcrypt/crds manifests/install pkg/api pkg/datapath/classifier_bpfel.go pkg/datapath/classifier_bpfel.o || (echo "generated files are stale: run make generate and commit"; exit 1)
 
 test: deps build lint ## every test tier in order (needs root: netns, WireGuard devices); cleans up even on failure
 	@$(GO) run ./tests/cleanup
