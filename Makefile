@@ -45,7 +45,7 @@ test-api: ## control plane tests against a real kube-apiserver + etcd: harness, 
 	$(GOTEST) -timeout 10m ./tests/controlplane/ ./tests/api/ ./tests/manifests/
 
 test-harness: ## the network-namespace harness itself
-	$(GOTEST) -timeout 10m ./tests/netenv/
+	$(GOTEST) -timeout 10m ./tests/netenv/ ./tests/cluster/
 
 test-e2e: ## end-to-end: agents on netns nodes, traffic with a marker, underlay capture
 	$(GOTEST) -timeout 15m -v ./tests/e2e/ 2>&1 | grep -Ev '^\s+cluster.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}

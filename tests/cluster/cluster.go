@@ -103,7 +103,7 @@ type Node struct {
 
 // Start starts the control plane, installs the CRDs, creates the underlay, and returns an
 // empty cluster (no MeshConfig: mode Disabled). On error everything started is stopped.
-func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
+func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -111,9 +111,10 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if opts.UnderlayMTU == 0 {
 		opts.UnderlayMTU = 1500
 	}
-	c = &Cluster{opts: opts, log: log, nodes: map[string]*Node{}}
+	c := &Cluster{opts: opts, log: log, nodes: map[string]*Node{}}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	defer func() {
+		// c, not the result: every error return sets the result to nil.
 		if err != nil {
 			c.Close()
 		}
