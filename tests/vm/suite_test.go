@@ -19,6 +19,11 @@ var kernelSuite = []vm.Test{
 		MustRun: []string{"TestKernelDevice", "TestKernelBackendDetection", "TestUserspaceTunnel"},
 	},
 	{
+		Package: "pkg/crypto/ipsec",
+		Args:    []string{"-test.skip=^TestDeps$"},
+		MustRun: []string{"TestSupported", "TestESPTunnel/underlay-ipv4", "TestESPTunnel/underlay-ipv6", "TestESPRotation", "TestESPReboot"},
+	},
+	{
 		Package: "pkg/datapath",
 		MustRun: []string{"TestRoutesApply", "TestPodLink", "TestClassifierVerdicts", "TestClassifierMatchesModel",
 			"TestClassifierAttach/tc", "TestClassifierSurvivesRestart/tc", "TestClassifierChains"},
