@@ -4,10 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/meshcrypt/meshcrypt/internal/deptest"
 	"io"
 	"net"
 	"net/http"
-	"os/exec"
 	"sort"
 	"strings"
 	"sync"
@@ -355,24 +355,9 @@ func TestNewServerNeedsGatherer(t *testing.T) {
 
 // TestDeps guards the boundary stated in doc.go.
 func TestDeps(t *testing.T) {
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		t.Skip("go command not in PATH: cannot list dependencies")
-	}
-	for _, pkg := range []string{".", "./metricstest"} {
-		out, err := exec.Command(goTool, "list", "-deps", pkg).Output()
-		if err != nil {
-			t.Fatalf("go list -deps %s: %v", pkg, err)
-		}
-		for dep := range strings.FieldsSeq(string(out)) {
-			for _, bad := range []string{"k8s.io/", "sigs.k8s.io/", "github.com/cilium/ebpf", "github.com/vishvananda/", "golang.zx2c4.com/"} {
-				if strings.HasPrefix(dep, bad) {
-					t.Errorf("%s depends on %s", pkg, dep)
-				}
-			}
-			if strings.HasPrefix(dep, "github.com/meshcrypt/meshcrypt/") && !strings.HasPrefix(dep, "github.com/meshcrypt/meshcrypt/pkg/metrics") {
-				t.Errorf("%s depends on %s", pkg, dep)
-			}
-		}
-	}
+	deptest.Check(t, deptest.Rules{
+		Packages: []string{".", "./metricstest"},
+		Banned:   []string{"k8s.io/", "sigs.k8s.io/", "github.com/cilium/ebpf", "github.com/vishvananda/", "golang.zx2c4.com/"},
+		Own:      []string{"pkg/metrics"},
+	})
 }
