@@ -4,11 +4,12 @@ package testutil
 
 import (
 	"os"
-	"runtime"
 	"testing"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/meshcrypt/meshcrypt/internal/netnsutil"
 )
 
 // RequireRoot skips t when the test process is not root: privileged tests need CAP_NET_ADMIN
@@ -25,46 +26,27 @@ func RequireRoot(t testing.TB) {
 func NewNetNS(t testing.TB) (netns.NsHandle, *netlink.Handle) {
 	t.Helper()
 	RequireRoot(t)
-	type result struct {
-		ns  netns.NsHandle
-		err error
-	}
-	ch := make(chan result)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			ch <- result{err: err}
-			runtime.UnlockOSThread()
-			return
-		}
-		defer orig.Close()
-		ns, err := netns.New()
-		if err != nil {
-			ch <- result{err: err}
-			runtime.UnlockOSThread()
-			return
-		}
-		if err := netns.Set(orig); err != nil {
-			// The thread is stuck in the new namespace: let it die with the goroutine.
-			ch <- result{ns: ns}
-			return
-		}
-		runtime.UnlockOSThread()
-		ch <- result{ns: ns}
-	}()
-	r := <-ch
-	if r.err != nil {
-		t.Fatalf("create netns: %v", r.err)
-	}
-	h, err := netlink.NewHandleAt(r.ns)
+	var ns netns.NsHandle
+	// netns.New moves the thread into the new namespace; OnLockedThread moves it back.
+	err := netnsutil.OnLockedThread(func() error {
+		var err error
+		ns, err = netns.New()
+		return err
+	})
 	if err != nil {
-		r.ns.Close()
+		if ns.IsOpen() {
+			ns.Close()
+		}
+		t.Fatalf("create netns: %v", err)
+	}
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		ns.Close()
 		t.Fatalf("netlink handle in netns: %v", err)
 	}
 	t.Cleanup(func() {
 		h.Close()
-		r.ns.Close()
+		ns.Close()
 	})
-	return r.ns, h
+	return ns, h
 }

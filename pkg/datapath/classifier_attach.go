@@ -1,11 +1,12 @@
 package datapath
 
 import (
+	"github.com/meshcrypt/meshcrypt/internal/netnsutil"
+
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -360,38 +361,6 @@ func (c *Classifier) detachTC(h *netlink.Handle, l netlink.Link) error {
 	return nil
 }
 
-// inNetns runs fn on an OS thread switched into ns. If the thread cannot switch back, it is
-// left locked, so the runtime discards it rather than reusing it in the wrong namespace.
-func inNetns(ns netns.NsHandle, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("get thread netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		if orig.Equal(ns) {
-			// Already there (the agent runs in the node's namespace): no setns, which
-			// needs CAP_SYS_ADMIN.
-			runtime.UnlockOSThread()
-			errc <- fn()
-			return
-		}
-		if err := netns.Set(ns); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns: %w", err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("restore thread netns: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+// inNetns runs fn on an OS thread switched into ns (see netnsutil.Do: no setns when the
+// thread is already there, so the agent in its node's namespace needs no CAP_SYS_ADMIN).
+func inNetns(ns netns.NsHandle, fn func() error) error { return netnsutil.Do(ns, fn) }

@@ -1,6 +1,8 @@
 package netenv
 
 import (
+	"github.com/meshcrypt/meshcrypt/internal/netnsutil"
+
 	"context"
 	"errors"
 	"fmt"
@@ -10,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 
@@ -52,41 +53,10 @@ func (ns *NS) Do(fn func() error) error {
 		return fmt.Errorf("open netns %s: %w", ns.Name, err)
 	}
 	defer target.Close()
-	return onLockedThread(func() error {
-		if err := netns.Set(target); err != nil {
-			return fmt.Errorf("enter netns %s: %w", ns.Name, err)
-		}
-		return fn()
-	})
-}
-
-// onLockedThread runs fn on a fresh goroutine locked to its OS thread. fn may
-// change the thread's network namespace: it is restored afterwards, and if that
-// fails the thread stays locked, so the runtime ends it when the goroutine exits.
-func onLockedThread(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("get thread netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		var ferr error
-		defer func() {
-			if err := netns.Set(orig); err != nil {
-				// Leave the thread locked: it dies with this goroutine.
-				errc <- errors.Join(ferr, fmt.Errorf("restore thread netns: %w", err))
-				return
-			}
-			runtime.UnlockOSThread()
-			errc <- ferr
-		}()
-		ferr = fn()
-	}()
-	return <-errc
+	if err := netnsutil.Do(target, fn); err != nil {
+		return fmt.Errorf("in netns %s: %w", ns.Name, err)
+	}
+	return nil
 }
 
 // Handle returns a netlink handle whose sockets live in the namespace. The
@@ -311,7 +281,7 @@ func createNamedNS(name string) (*NS, error) {
 		return nil, fmt.Errorf("create netns %s: %w", name, err)
 	}
 	f.Close()
-	err = onLockedThread(func() error {
+	err = netnsutil.OnLockedThread(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
 			return fmt.Errorf("unshare: %w", err)
 		}

@@ -34,7 +34,8 @@
 // host need different interface names.
 //
 // This package must not import client-go or anything under k8s.io, nor other
-// meshcrypt packages: it deals in keys, prefixes and addresses only. The
+// meshcrypt packages but internal/netnsutil (the shared netns runner): it deals in
+// keys, prefixes and addresses only. The
 // sub-package wgtest holds an in-memory model of a WireGuard device and a
 // fake [Device] for tests of callers.
 package wireguard
