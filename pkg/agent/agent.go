@@ -619,7 +619,11 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		// be encrypted is dropped rather than sent while it changes; then peers before
 		// routes, so a route never points at a device without its peer; then the new
 		// tunnels are called ready.
-		if err := a.applyPolicy(ctx, plan, list.Items, stillReady(a.peers, peers)); err != nil {
+		cur, err := a.dev.Device(ctx)
+		if err != nil && !errors.Is(err, wireguard.ErrDeviceGone) {
+			return fmt.Errorf("read WireGuard device: %w", err)
+		}
+		if err := a.applyPolicy(ctx, plan, list.Items, stillReady(cur, peers)); err != nil {
 			return err
 		}
 		cfg.Peers = peers

@@ -1,10 +1,12 @@
 package agent
 
 import (
+	"net"
 	"net/netip"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
@@ -48,13 +50,26 @@ func TestIPCacheEntries(t *testing.T) {
 
 func TestStillReady(t *testing.T) {
 	p := netip.MustParsePrefix
-	a := wireguard.Peer{Name: "a", PublicKey: key(t, 1), AllowedIPs: []netip.Prefix{p("10.244.1.0/24")}}
+	ipn := func(s string) net.IPNet {
+		pr := p(s)
+		return net.IPNet{IP: pr.Addr().AsSlice(), Mask: net.CIDRMask(pr.Bits(), pr.Addr().BitLen())}
+	}
+	a := wireguard.Peer{Name: "a", PublicKey: key(t, 1), AllowedIPs: []netip.Prefix{p("10.244.1.0/24"), p("fd44:0:0:1::/64")}}
 	b := wireguard.Peer{Name: "b", PublicKey: key(t, 2), AllowedIPs: []netip.Prefix{p("10.244.2.0/24")}}
 	bRekeyed := b
 	bRekeyed.PublicKey = key(t, 9)
-	c := wireguard.Peer{Name: "c", PublicKey: key(t, 3)}
-	got := stillReady([]wireguard.Peer{a, b}, []wireguard.Peer{a, bRekeyed, c})
+	c := wireguard.Peer{Name: "c", PublicKey: key(t, 3), AllowedIPs: []netip.Prefix{p("10.244.3.0/24")}}
+	dev := &wgtypes.Device{Peers: []wgtypes.Peer{
+		// The kernel reports allowed IPs in its own order, IPv4 possibly 16-byte.
+		{PublicKey: key(t, 1), AllowedIPs: []net.IPNet{ipn("fd44:0:0:1::/64"), {IP: net.ParseIP("10.244.1.0"), Mask: net.CIDRMask(24, 32)}}},
+		{PublicKey: key(t, 2), AllowedIPs: []net.IPNet{ipn("10.244.2.0/24")}},
+		{PublicKey: key(t, 3), AllowedIPs: []net.IPNet{ipn("10.244.99.0/24")}},
+	}}
+	got := stillReady(dev, []wireguard.Peer{a, bRekeyed, c})
 	if d := cmp.Diff(map[string]bool{"a": true}, got); d != "" {
-		t.Errorf("only unchanged peers stay ready while a change applies (-want +got):\n%s", d)
+		t.Errorf("only peers the device carries unchanged stay ready (-want +got):\n%s", d)
+	}
+	if got := stillReady(nil, []wireguard.Peer{a}); len(got) != 0 {
+		t.Errorf("no device: %v, want none ready", got)
 	}
 }

@@ -15,6 +15,8 @@ import (
 	"k8s.io/client-go/tools/leaderelection"
 	"k8s.io/client-go/tools/leaderelection/resourcelock"
 
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
 	"github.com/meshcrypt/meshcrypt/pkg/datapath"
@@ -149,17 +151,36 @@ func readyNodes(peers []wireguard.Peer) map[string]bool {
 	return out
 }
 
-// stillReady is the set of nodes that are peers both before and after a change, unchanged:
-// only their tunnels stay ready while the change is applied.
-func stillReady(before, after []wireguard.Peer) map[string]bool {
+// stillReady is the set of desired peers whose tunnel the device already carries unchanged
+// (same key, same pod CIDRs): only those stay ready while a change is applied. It reads the
+// device, not the agent's memory, so a freshly restarted agent, which remembers nothing,
+// does not mark every working tunnel unready (strict mode would drop meanwhile).
+func stillReady(dev *wgtypes.Device, desired []wireguard.Peer) map[string]bool {
 	out := map[string]bool{}
-	prev := map[string]wireguard.Peer{}
-	for _, p := range before {
-		prev[p.Name] = p
+	if dev == nil {
+		return out
 	}
-	for _, p := range after {
-		if q, ok := prev[p.Name]; ok && q.PublicKey == p.PublicKey && q.Endpoint == p.Endpoint &&
-			slices.Equal(q.AllowedIPs, p.AllowedIPs) {
+	have := make(map[wgtypes.Key]map[netip.Prefix]bool, len(dev.Peers))
+	for _, p := range dev.Peers {
+		set := map[netip.Prefix]bool{}
+		for _, n := range p.AllowedIPs {
+			if a, ok := netip.AddrFromSlice(n.IP); ok {
+				ones, _ := n.Mask.Size()
+				set[netip.PrefixFrom(a.Unmap(), ones).Masked()] = true
+			}
+		}
+		have[p.PublicKey] = set
+	}
+	for _, p := range desired {
+		set, ok := have[p.PublicKey]
+		if !ok || len(set) != len(p.AllowedIPs) {
+			continue
+		}
+		same := true
+		for _, pr := range p.AllowedIPs {
+			same = same && set[pr.Masked()]
+		}
+		if same {
 			out[p.Name] = true
 		}
 	}
