@@ -39,6 +39,20 @@ func TestCleanupStale(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = leftover.Process.Kill(); _ = leftover.Wait() })
+	// Start returns once exec has begun, but the new program's argv is mapped a moment later:
+	// until then /proc/<pid>/cmdline reads empty. Wait until the leftover shows its command
+	// line, as a real leftover would.
+	cmdlineDeadline := time.Now().Add(5 * time.Second)
+	for {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", leftover.Process.Pid))
+		if mentionsDir(b, stale) {
+			break
+		}
+		if time.Now().After(cmdlineDeadline) {
+			t.Fatalf("leftover's command line never showed %s", stale)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 
 	live := mkdir(t)
 	if err := writeOwner(live); err != nil {
