@@ -14,10 +14,15 @@
  * need nothing (dport 0). Whatever falls short is DROP_MALFORMED. Non-first fragments are not
  * parsed beyond the fragment header (dport 0).
  *
+ * Flow events: after the verdict, flow_observe offers the packet to a ring buffer the agent
+ * reads (every drop and sampled allowed packets, rate-limited per CPU; docs/datapath.md). It
+ * runs after the verdict is fixed and cannot change it; a full ring only counts a lost event.
+ *
  * Headers are read with bpf_skb_load_bytes rather than direct packet access: it works on
  * non-linear skbs without pulling (or unsharing) them, and it keeps the verifier's work small
  * (offsets are plain scalars, no packet-pointer ranges to track through the extension-header
- * loop). Every helper used exists since Linux 4.x; the one loop is bounded (8 iterations). */
+ * loop). The verdict's helpers exist since Linux 4.x; the flow event ring buffer and
+ * bpf_ktime_get_boot_ns need Linux 5.8. The one loop is bounded (8 iterations). */
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -58,10 +63,11 @@ struct {
 	__type(value, struct enforce_val);
 } enforce SEC(".maps");
 
-/* config[0]: node-wide flags (CONFIG_STRICT). An array, so it always has its entry (zero). */
+/* config[CONFIG_*]: node-wide flags and the flow event knobs. An array, so every entry exists
+ * (zero until the agent sets it). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, CONFIG_MAX_ENTRIES);
 	__type(key, __u32);
 	__type(value, __u32);
 } config SEC(".maps");
@@ -72,6 +78,27 @@ struct {
 	__type(key, __u32);
 	__type(value, struct metrics_val);
 } metrics SEC(".maps");
+
+/* Flow events (docs/datapath.md): the ring the agent reads, the per-CPU sampler and rate
+ * limiter, and the per-CPU counters of what became of the candidates. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, FLOW_RING_SIZE);
+} flow_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flow_cpu);
+} flow_state SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FLOW_STATS_MAX_ENTRIES);
+	__type(key, __u32);
+	__type(value, __u64);
+} flow_stats SEC(".maps");
 
 /* A packet the classifier lets through goes on to whatever else is attached to the hook (the
  * CNI's own programs, later TCX programs, legacy tc filters): TC_ACT_UNSPEC is TCX_NEXT, and for
@@ -111,9 +138,15 @@ struct packet {
 	struct ipcache_key src;
 	struct ipcache_key dst;
 	__u32 len;   /* skb->len: Ethernet header included */
+	__u16 sport; /* host order; 0 for port-less protocols and non-first fragments */
 	__u16 dport; /* host order; 0 for port-less protocols and non-first fragments */
 	__u8 proto;
+	__u8 tcp_flags; /* TCP only: byte 13 of the header (flow events) */
 };
+
+#define TCP_FLAGS_OFF 13 /* offset of the flags byte in the TCP header */
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
 
 static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *p, __u32 off)
 {
@@ -125,7 +158,9 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *p, __u
 			return PARSE_MALFORMED;
 		if (th.doff < 5 || off + th.doff * 4 > p->len)
 			return PARSE_MALFORMED;
+		p->sport = bpf_ntohs(th.source);
 		p->dport = bpf_ntohs(th.dest);
+		p->tcp_flags = ((__u8 *)&th)[TCP_FLAGS_OFF];
 		return PARSE_OK;
 	}
 	case IPPROTO_UDP: {
@@ -133,6 +168,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *p, __u
 
 		if (bpf_skb_load_bytes(skb, off, &uh, sizeof(uh)) < 0)
 			return PARSE_MALFORMED;
+		p->sport = bpf_ntohs(uh.source);
 		p->dport = bpf_ntohs(uh.dest);
 		return PARSE_OK;
 	}
@@ -346,54 +382,191 @@ found:
 	return 1;
 }
 
-static __always_inline int classify(struct __sk_buff *skb, const int from_pod)
+static __always_inline int reason_drops(__u32 reason)
 {
-	struct packet p = {};
-	struct ipcache_val src, dst;
+	return reason == REASON_DENIED_EGRESS || reason == REASON_DENIED_INGRESS ||
+	       reason == REASON_DROP_NOT_ENCRYPTED || reason == REASON_DROP_MALFORMED;
+}
+
+static __always_inline void flow_count(__u32 stat)
+{
+	__u64 *n = bpf_map_lookup_elem(&flow_stats, &stat);
+
+	if (n)
+		(*n)++;
+}
+
+/* flow_take_token takes one event from class cls's bucket on this CPU: rate per second,
+ * bursts of up to rate. A bucket refills only once empty, from the time since its last refill
+ * (capped at a second, so the arithmetic cannot overflow). */
+static __always_inline int flow_take_token(struct flow_cpu *st, __u32 cls, __u32 rate, __u64 now)
+{
+	__u64 elapsed, add;
+
+	if (cls > FLOW_CLASS_ALLOW)
+		return 0;
+	if (st->tokens[cls] == 0) {
+		elapsed = now - st->refill[cls];
+		if (elapsed >= 1000000000ULL)
+			add = rate;
+		else
+			add = elapsed * rate / 1000000000ULL;
+		if (add == 0)
+			return 0;
+		st->tokens[cls] = add > rate ? rate : add;
+		st->refill[cls] = now;
+	}
+	st->tokens[cls]--;
+	return 1;
+}
+
+/* flow_observe offers the packet just classified to the flow event ring. It never changes the
+ * verdict, which is decided before it runs: whatever happens here (events off, not sampled,
+ * rate-limited, ring full) the caller returns the same value. Events off costs one array
+ * lookup. src is looked up only when an event is written and the verdict did not need it
+ * (lookup_src). */
+static __always_inline void flow_observe(struct __sk_buff *skb, struct packet *p,
+					 struct ipcache_val *src, struct ipcache_val *dst,
+					 int lookup_src, __u32 reason, const int from_pod)
+{
+	__u32 key = CONFIG_FLOW_RATE, zero = 0, cls = FLOW_CLASS_DROP, flags = 0, peer;
+	__u32 *rate, *sample;
+	struct flow_cpu *st;
+	struct flow_event *e;
+	__u64 now;
+
+	rate = bpf_map_lookup_elem(&config, &key);
+	if (!rate || *rate == 0)
+		return;
+	st = bpf_map_lookup_elem(&flow_state, &zero);
+	if (!st)
+		return;
+	if (!reason_drops(reason)) {
+		key = CONFIG_FLOW_SAMPLE;
+		sample = bpf_map_lookup_elem(&config, &key);
+		if (!sample || *sample == 0)
+			return;
+		if (p->proto == IPPROTO_TCP &&
+		    (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+			/* A connection's first packet: always a candidate. */
+		} else if (st->countdown > 0 && st->countdown < *sample) {
+			st->countdown--;
+			return;
+		} else {
+			st->countdown = *sample - 1;
+			flags |= FLOW_SAMPLED;
+		}
+		cls = FLOW_CLASS_ALLOW;
+	}
+	now = bpf_ktime_get_boot_ns();
+	if (!flow_take_token(st, cls, *rate, now)) {
+		flow_count(FLOW_STAT_RATE_LIMITED);
+		return;
+	}
+	if (lookup_src)
+		*src = lookup_identity(&p->src);
+
+	peer = from_pod ? dst->flags : src->flags;
+	if (!from_pod)
+		flags |= FLOW_TO_POD;
+	if ((peer & IPCACHE_REMOTE_POD) && !(peer & IPCACHE_LOCAL_POD)) {
+		flags |= FLOW_REMOTE;
+		if ((peer & IPCACHE_TUNNEL_READY) && !reason_drops(reason))
+			flags |= FLOW_ENCRYPTED;
+	}
+
+	e = bpf_ringbuf_reserve(&flow_events, sizeof(*e), 0);
+	if (!e) {
+		flow_count(FLOW_STAT_LOST);
+		return;
+	}
+	e->time = now;
+	e->src_identity = src->identity;
+	e->dst_identity = dst->identity;
+	__builtin_memcpy(e->src_addr, p->src.addr, sizeof(e->src_addr));
+	__builtin_memcpy(e->dst_addr, p->dst.addr, sizeof(e->dst_addr));
+	e->sport = p->sport;
+	e->dport = p->dport;
+	e->len = skb->len;
+	e->ifindex = skb->ifindex;
+	e->proto = p->proto;
+	e->reason = reason;
+	e->flags = flags;
+	e->tcp_flags = p->tcp_flags;
+	bpf_ringbuf_submit(e, 0);
+	flow_count(FLOW_STAT_SUBMITTED);
+}
+
+/* decide finds the reason (and with it the verdict) for a parsed IP packet. It fills *src and
+ * *dst with what the ipcache says, and sets *lookup_src when it did not need the source. */
+static __always_inline __u32 decide(struct packet *p, struct ipcache_val *src,
+				    struct ipcache_val *dst, int *lookup_src, const int from_pod)
+{
 	__u32 ef_src = 0, ef_dst, pf_egress = 0, pf_ingress;
 
-	switch (parse(skb, &p)) {
-	case PARSE_OK:
-		break;
-	case PARSE_NON_IP:
-		return account(skb, REASON_PASS_NON_IP, VERDICT_PASS);
-	default:
-		return account(skb, REASON_DROP_MALFORMED, VERDICT_DROP);
-	}
-
-	dst = lookup_identity(&p.dst);
-	ef_dst = enforce_flags(dst.identity, DIR_INGRESS);
-	if (!from_pod && !(ef_dst & ENFORCE_DENY))
+	*dst = lookup_identity(&p->dst);
+	ef_dst = enforce_flags(dst->identity, DIR_INGRESS);
+	if (!from_pod && !(ef_dst & ENFORCE_DENY)) {
 		/* to_pod checks only the pod's ingress: without default-deny the source's
 		 * identity does not matter, and its trie lookup is saved. */
-		return account(skb, REASON_ALLOWED_NO_POLICY, VERDICT_PASS);
-	src = lookup_identity(&p.src);
+		*lookup_src = 1;
+		return REASON_ALLOWED_NO_POLICY;
+	}
+	*src = lookup_identity(&p->src);
 
 	if (from_pod) {
-		ef_src = enforce_flags(src.identity, DIR_EGRESS);
-		if (!check_dir(src.identity, dst.identity, p.proto, p.dport, DIR_EGRESS, ef_src,
+		ef_src = enforce_flags(src->identity, DIR_EGRESS);
+		if (!check_dir(src->identity, dst->identity, p->proto, p->dport, DIR_EGRESS, ef_src,
 			       &pf_egress))
-			return account(skb, REASON_DENIED_EGRESS, VERDICT_DROP);
+			return REASON_DENIED_EGRESS;
 	}
-	if (!check_dir(dst.identity, src.identity, p.proto, p.dport, DIR_INGRESS, ef_dst,
+	if (!check_dir(dst->identity, src->identity, p->proto, p->dport, DIR_INGRESS, ef_dst,
 		       &pf_ingress))
-		return account(skb, REASON_DENIED_INGRESS, VERDICT_DROP);
+		return REASON_DENIED_INGRESS;
 
 	/* Traffic to a remote pod that must be encrypted never leaves in clear: without a ready
 	 * tunnel for the destination it is dropped here. Strict mode requires it of all. */
-	if (from_pod && !(dst.flags & IPCACHE_LOCAL_POD) && (dst.flags & IPCACHE_REMOTE_POD) &&
-	    !(dst.flags & IPCACHE_TUNNEL_READY)) {
-		__u32 zero = 0;
-		__u32 *cfg = bpf_map_lookup_elem(&config, &zero);
+	if (from_pod && !(dst->flags & IPCACHE_LOCAL_POD) && (dst->flags & IPCACHE_REMOTE_POD) &&
+	    !(dst->flags & IPCACHE_TUNNEL_READY)) {
+		__u32 key = CONFIG_FLAGS;
+		__u32 *cfg = bpf_map_lookup_elem(&config, &key);
 
 		if ((cfg && (*cfg & CONFIG_STRICT)) || ((pf_egress | pf_ingress) & POLICY_ENCRYPT) ||
 		    ((ef_src | ef_dst) & ENFORCE_ENCRYPT))
-			return account(skb, REASON_DROP_NOT_ENCRYPTED, VERDICT_DROP);
+			return REASON_DROP_NOT_ENCRYPTED;
 	}
 
 	if ((ef_src | ef_dst) & ENFORCE_DENY)
-		return account(skb, REASON_ALLOWED, VERDICT_PASS);
-	return account(skb, REASON_ALLOWED_NO_POLICY, VERDICT_PASS);
+		return REASON_ALLOWED;
+	return REASON_ALLOWED_NO_POLICY;
+}
+
+static __always_inline int classify(struct __sk_buff *skb, const int from_pod)
+{
+	struct packet p = {};
+	struct ipcache_val src = {}, dst = {};
+	int lookup_src = 0, verdict;
+	__u32 reason;
+
+	switch (parse(skb, &p)) {
+	case PARSE_OK:
+		reason = decide(&p, &src, &dst, &lookup_src, from_pod);
+		break;
+	case PARSE_NON_IP:
+		/* Not a flow: no event. */
+		return account(skb, REASON_PASS_NON_IP, VERDICT_PASS);
+	default:
+		/* Identities stay 0 (unknown) in its event. */
+		reason = REASON_DROP_MALFORMED;
+		break;
+	}
+
+	/* The verdict is fixed here; the flow event cannot change it. */
+	verdict = reason_drops(reason) ? VERDICT_DROP : VERDICT_PASS;
+
+	account(skb, reason, verdict);
+	flow_observe(skb, &p, &src, &dst, lookup_src, reason, from_pod);
+	return verdict;
 }
 
 /* from_pod: ingress of the pod's host-side interface, i.e. packets the pod sends. */

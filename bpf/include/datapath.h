@@ -84,7 +84,62 @@ struct metrics_val {
 	__u64 bytes;
 };
 
-/* config[0] flags. */
+/* config: array of __u32, indexed by CONFIG_*. */
+#define CONFIG_FLAGS 0       /* node-wide flags (CONFIG_STRICT) */
+#define CONFIG_FLOW_RATE 1   /* flow events per second and CPU, for drops and for allowed samples
+			      * each; 0: no flow events at all */
+#define CONFIG_FLOW_SAMPLE 2 /* 1 in N allowed packets per CPU, and every TCP SYN, is a candidate
+			      * for an event; 0: drops only */
+#define CONFIG_MAX_ENTRIES 4 /* room to grow */
+
+/* config[CONFIG_FLAGS] flags. */
 #define CONFIG_STRICT (1U << 0) /* every packet to a remote pod needs a ready tunnel */
+
+/* flow_events: a ring buffer of struct flow_event (docs/datapath.md, "Flow events"). */
+#define FLOW_RING_SIZE (1U << 18) /* bytes: about 3600 events */
+
+struct flow_event {
+	__u64 time;         /* bpf_ktime_get_boot_ns() */
+	__u32 src_identity; /* 0: not known (a malformed packet) */
+	__u32 dst_identity;
+	__u8 src_addr[16];  /* as in ipcache keys: IPv4 as ::ffff:a.b.c.d; all zero: not parsed */
+	__u8 dst_addr[16];
+	__u16 sport;        /* host order; 0 for port-less protocols and non-first fragments */
+	__u16 dport;
+	__u32 len;          /* skb->len: Ethernet header included */
+	__u32 ifindex;      /* skb->ifindex: the pod's host-side interface */
+	__u8 proto;
+	__u8 reason;        /* enum reason */
+	__u8 flags;         /* FLOW_* */
+	__u8 tcp_flags;     /* byte 13 of the TCP header (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10...) */
+};
+
+#define FLOW_TO_POD (1U << 0)    /* seen by to_pod (delivered to the pod); else by from_pod */
+#define FLOW_REMOTE (1U << 1)    /* the peer (from_pod: destination; to_pod: source) is a pod on
+				  * another node */
+#define FLOW_ENCRYPTED (1U << 2) /* passed, and the peer's tunnel is ready: the packet goes into
+				  * (from_pod) or came out of (to_pod) the encrypted tunnel */
+#define FLOW_SAMPLED (1U << 3)   /* an allowed packet picked by the 1-in-N sampler (not a TCP SYN) */
+
+/* flow_state: per-CPU rate limiter and sampler state. */
+struct flow_cpu {
+	__u64 refill[2]; /* FLOW_CLASS_*: boot-time ns of the last refill */
+	__u32 tokens[2]; /* FLOW_CLASS_*: events left */
+	__u32 countdown; /* allowed packets to skip before the next sample */
+	__u32 pad;
+};
+
+#define FLOW_CLASS_DROP 0
+#define FLOW_CLASS_ALLOW 1
+
+/* flow_stats: per-CPU array of __u64 counters. */
+enum flow_stat {
+	FLOW_STAT_SUBMITTED = 0,    /* events written to the ring */
+	FLOW_STAT_LOST = 1,         /* events the ring had no room for */
+	FLOW_STAT_RATE_LIMITED = 2, /* candidates the rate limit suppressed */
+	FLOW_STATS = 3,
+};
+
+#define FLOW_STATS_MAX_ENTRIES 4
 
 #endif /* MESHCRYPT_DATAPATH_H */

@@ -89,6 +89,7 @@ func newRootCmd() *cobra.Command {
 				return fmt.Errorf("load kubeconfig: %w", err)
 			}
 			opts.RESTConfig.UserAgent = "meshcrypt-agent/" + opts.NodeName
+			opts.Flows.ListenAddr = metricsAddr // /flows is served there
 			a, err := agent.New(opts)
 			if err != nil {
 				return err
@@ -97,7 +98,7 @@ func newRootCmd() *cobra.Command {
 			defer stop()
 			g, ctx := errgroup.WithContext(ctx)
 			if metricsAddr != "" {
-				srv, err := metrics.NewServer(metrics.ServerOptions{Addr: metricsAddr, Gatherer: a.Gatherer(), Ready: a.Ready, Logger: log})
+				srv, err := metrics.NewServer(metrics.ServerOptions{Addr: metricsAddr, Gatherer: a.Gatherer(), Ready: a.Ready, Handlers: a.Handlers(), Logger: log})
 				if err != nil {
 					return err
 				}
@@ -126,12 +127,16 @@ func newRootCmd() *cobra.Command {
 	f.DurationVar(&opts.ResyncPeriod, "resync-period", 0, "how often to re-apply the desired state (default 30s)")
 	f.DurationVar(&opts.StatusPeriod, "status-period", 0, "how often to refresh peer handshakes in status (default 10s)")
 	f.StringVar(&metricsAddr, "metrics-addr", fmt.Sprintf(":%d", metrics.DefaultPort), "listen address of /metrics, /healthz and /readyz (\"\" disables)")
+	f.Uint32Var(&opts.Flows.Rate, "flow-rate", agent.DefaultFlowRate, "at most this many flow `events` per second and CPU, for drops and for sampled allowed packets each, while meshcrypt monitor watches (0 disables /flows)")
+	f.Uint32Var(&opts.Flows.Sample, "flow-sample", agent.DefaultFlowSample, "report 1 in `N` allowed packets per CPU (and every TCP SYN) as flow events; 0 reports drops only")
 	f.StringVar(&attach, "attach-mode", "auto", "how the policy classifier attaches to pod interfaces: auto (TCX, else tc), tcx or tc")
 	f.StringVar(&opts.BPFPinDir, "bpf-pin-dir", "/sys/fs/bpf/meshcrypt", "bpffs directory where classifier maps and links are pinned (\"\" pins nothing)")
 	f.StringVar(&opts.ClusterName, "cluster-name", "default", "this cluster's name, part of every identity")
 	f.UintVar(&clusterID, "cluster-id", 1, "this cluster's ID (1-255), the high bits of every identity")
 	f.DurationVar(&opts.IdentityGCGrace, "identity-gc-grace", 0, "how long an identity stays unused before it is deleted (default 10m)")
 	f.DurationVar(&opts.IdentityGCInterval, "identity-gc-interval", 0, "how often unused identities are looked for (default 1m)")
+	f.StringVar(&opts.Namespace, "namespace", envOr("POD_NAMESPACE", "meshcrypt"), "the agent's namespace: identity GC lease and IPsec keyring Secret (default $POD_NAMESPACE, else meshcrypt)")
+	f.StringVar(&opts.FIPSPath, "fips-path", "/proc/sys/crypto/fips_enabled", "file holding the kernel's FIPS flag (1: refuse WireGuard and unapproved IPsec keys)")
 	cmd.AddCommand(newDeviceCmd(&lf))
 	return cmd
 }
@@ -159,4 +164,12 @@ func newDeviceCmd(lf *logFlags) *cobra.Command {
 	cmd.Flags().IntVar(&opts.MTU, "mtu", wireguard.DefaultTunnelMTU, "device MTU")
 	_ = cmd.MarkFlagRequired("iface")
 	return cmd
+}
+
+// envOr returns the environment variable key, or def when it is unset or empty.
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
 }

@@ -226,6 +226,8 @@ type Classifier struct {
 	policy  mapState[PolicyKey, PolicyValue, classifierPolicyKey, classifierPolicyVal]
 	enforce mapState[EnforceKey, EnforceValue, classifierEnforceKey, classifierEnforceVal]
 
+	configMu sync.Mutex // serialises SetFlowEvents
+
 	linksMu sync.Mutex
 	links   map[linkKey]link.Link
 	noTCX   bool // AttachAuto found no TCX: go straight to tc
@@ -476,7 +478,7 @@ func (c *Classifier) SetStrict(strict bool) error {
 	if strict {
 		flags = configStrict
 	}
-	if err := c.objs.Config.Update(uint32(0), flags, ebpf.UpdateAny); err != nil {
+	if err := c.objs.Config.Update(configFlags, flags, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("set classifier strict mode: %w", err)
 	}
 	return nil

@@ -25,6 +25,14 @@ type classifierEnforceVal struct {
 	Flags uint32
 }
 
+type classifierFlowCpu struct {
+	_         structs.HostLayout
+	Refill    [2]uint64
+	Tokens    [2]uint32
+	Countdown uint32
+	Pad       uint32
+}
+
 type classifierIpcacheKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -64,6 +72,9 @@ type classifierPolicyVal struct {
 const (
 	classifierMapConfig       = "config"
 	classifierMapEnforce      = "enforce"
+	classifierMapFlowEvents   = "flow_events"
+	classifierMapFlowState    = "flow_state"
+	classifierMapFlowStats    = "flow_stats"
 	classifierMapIpcache      = "ipcache"
 	classifierMapMetrics      = "metrics"
 	classifierMapPolicy       = "policy"
@@ -123,11 +134,14 @@ type classifierProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type classifierMapSpecs struct {
-	Config  *ebpf.MapSpec `ebpf:"config"`
-	Enforce *ebpf.MapSpec `ebpf:"enforce"`
-	Ipcache *ebpf.MapSpec `ebpf:"ipcache"`
-	Metrics *ebpf.MapSpec `ebpf:"metrics"`
-	Policy  *ebpf.MapSpec `ebpf:"policy"`
+	Config     *ebpf.MapSpec `ebpf:"config"`
+	Enforce    *ebpf.MapSpec `ebpf:"enforce"`
+	FlowEvents *ebpf.MapSpec `ebpf:"flow_events"`
+	FlowState  *ebpf.MapSpec `ebpf:"flow_state"`
+	FlowStats  *ebpf.MapSpec `ebpf:"flow_stats"`
+	Ipcache    *ebpf.MapSpec `ebpf:"ipcache"`
+	Metrics    *ebpf.MapSpec `ebpf:"metrics"`
+	Policy     *ebpf.MapSpec `ebpf:"policy"`
 }
 
 // classifierVariableSpecs contains global variables before they are loaded into the kernel.
@@ -156,17 +170,23 @@ func (o *classifierObjects) Close() error {
 //
 // It can be passed to loadClassifierObjects or ebpf.CollectionSpec.LoadAndAssign.
 type classifierMaps struct {
-	Config  *ebpf.Map `ebpf:"config"`
-	Enforce *ebpf.Map `ebpf:"enforce"`
-	Ipcache *ebpf.Map `ebpf:"ipcache"`
-	Metrics *ebpf.Map `ebpf:"metrics"`
-	Policy  *ebpf.Map `ebpf:"policy"`
+	Config     *ebpf.Map `ebpf:"config"`
+	Enforce    *ebpf.Map `ebpf:"enforce"`
+	FlowEvents *ebpf.Map `ebpf:"flow_events"`
+	FlowState  *ebpf.Map `ebpf:"flow_state"`
+	FlowStats  *ebpf.Map `ebpf:"flow_stats"`
+	Ipcache    *ebpf.Map `ebpf:"ipcache"`
+	Metrics    *ebpf.Map `ebpf:"metrics"`
+	Policy     *ebpf.Map `ebpf:"policy"`
 }
 
 func (m *classifierMaps) Close() error {
 	return _ClassifierClose(
 		m.Config,
 		m.Enforce,
+		m.FlowEvents,
+		m.FlowState,
+		m.FlowStats,
 		m.Ipcache,
 		m.Metrics,
 		m.Policy,

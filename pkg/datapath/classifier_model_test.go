@@ -107,9 +107,23 @@ func randomPacket(rng *rand.Rand, addrs []netip.Addr) []byte {
 // and random packets.
 func TestClassifierMatchesModel(t *testing.T) {
 	c := newTestClassifier(t, ClassifierOptions{})
+	const worlds, packets = 40, 150
+	seen := matchModel(t, c, worlds, packets, nil)
+	t.Logf("%d cases by reason: %v", 2*worlds*packets, seen)
+	for _, r := range []Reason{ReasonAllowed, ReasonDeniedEgress, ReasonDeniedIngress, ReasonDropNotEncrypted, ReasonAllowedNoPolicy} {
+		if seen[r] < 20 {
+			t.Errorf("only %d cases of %s: the random state does not exercise it", seen[r], r)
+		}
+	}
+}
+
+// matchModel runs random packets through both programs, in random worlds, and fails t when a
+// counted reason differs from the model's or the verdict does not follow from it. after, if
+// not nil, is called after each run. It returns how many cases each reason had.
+func matchModel(t *testing.T, c *Classifier, worlds, packets int, after func(w int, m *model, fromPod bool, frame []byte, got Reason)) map[Reason]int {
+	t.Helper()
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(modelSeed, 1))
-	const worlds, packets = 40, 150
 	seen := map[Reason]int{}
 	for w := range worlds {
 		m, addrs := randomWorld(rng)
@@ -130,7 +144,7 @@ func TestClassifierMatchesModel(t *testing.T) {
 				if !fromPod {
 					prog = c.objs.ToPod
 				}
-				_, got, err := c.tryRun(prog, frame)
+				verdict, got, err := c.tryRun(prog, frame)
 				if err != nil {
 					t.Fatalf("world %d packet %d: %v", w, i, err)
 				}
@@ -141,13 +155,14 @@ func TestClassifierMatchesModel(t *testing.T) {
 					t.Fatalf("world %d packet %d (from_pod=%v) %+v: classifier says %s, model %s\nframe % x\nipcache %v\npolicy %v\nenforce %v",
 						w, i, fromPod, pkt, got, want, frame, m.ipcache, m.policy, m.enforce)
 				}
+				if wantVerdict := map[bool]uint32{false: verdictPass, true: verdictDrop}[got.Dropped()]; verdict != wantVerdict {
+					t.Fatalf("world %d packet %d (from_pod=%v): verdict %d for reason %s", w, i, fromPod, verdict, got)
+				}
+				if after != nil {
+					after(w, m, fromPod, frame, got)
+				}
 			}
 		}
 	}
-	t.Logf("%d cases by reason: %v", 2*worlds*packets, seen)
-	for _, r := range []Reason{ReasonAllowed, ReasonDeniedEgress, ReasonDeniedIngress, ReasonDropNotEncrypted, ReasonAllowedNoPolicy} {
-		if seen[r] < 20 {
-			t.Errorf("only %d cases of %s: the random state does not exercise it", seen[r], r)
-		}
-	}
+	return seen
 }

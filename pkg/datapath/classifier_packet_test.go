@@ -197,9 +197,10 @@ func arpFrame() []byte {
 
 // modelPacket is what the model's parser extracts.
 type modelPacket struct {
-	Src, Dst netip.Addr
-	Proto    uint8
-	Dport    uint16
+	Src, Dst     netip.Addr
+	Proto        uint8
+	Sport, Dport uint16
+	TCPFlags     uint8 // flow events only
 }
 
 type parseKind int
@@ -301,11 +302,14 @@ func modelParse(b []byte) (modelPacket, parseKind) {
 		if doff < 5 || len(rest) < doff*4 {
 			return p, parsedMalformed
 		}
+		p.Sport = binary.BigEndian.Uint16(rest[0:])
 		p.Dport = binary.BigEndian.Uint16(rest[2:])
+		p.TCPFlags = rest[13]
 	case protoUDP:
 		if len(rest) < 8 {
 			return p, parsedMalformed
 		}
+		p.Sport = binary.BigEndian.Uint16(rest[0:])
 		p.Dport = binary.BigEndian.Uint16(rest[2:])
 	case protoICMP:
 		if len(rest) < 8 {

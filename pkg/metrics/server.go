@@ -42,11 +42,15 @@ type ServerOptions struct {
 	// nil for ready, else why not. /readyz calls it on every request, so it must be cheap
 	// and safe for concurrent use. Nil means ready as soon as the server serves.
 	Ready func() error
+	// Handlers are further routes, by http.ServeMux pattern (the agent's "GET /flows"). A
+	// handler that streams must lift the server's write timeout itself
+	// (http.ResponseController.SetWriteDeadline).
+	Handlers map[string]http.Handler
 	// Logger receives the server's errors; nil discards them.
 	Logger *slog.Logger
 }
 
-// Server serves /metrics, /healthz and /readyz. Create it with NewServer and start it with Run
+// Server serves /metrics, /healthz, /readyz and ServerOptions.Handlers. Create it with NewServer and start it with Run
 // or Serve.
 type Server struct {
 	opts ServerOptions
@@ -74,6 +78,9 @@ func NewServer(opts ServerOptions) (*Server, error) {
 		io.WriteString(w, "ok\n")
 	})
 	s.mux.HandleFunc("GET "+PathReadyz, s.readyz)
+	for pattern, h := range opts.Handlers {
+		s.mux.Handle(pattern, h)
+	}
 	return s, nil
 }
 
