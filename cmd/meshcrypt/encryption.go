@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
+	"slices"
 	"strings"
 	"time"
 
@@ -21,16 +23,24 @@ import (
 // modes maps the CLI's lowercase mode names to the API's.
 var modes = map[string]v1alpha1.EncryptionMode{
 	"wireguard": v1alpha1.ModeWireGuard,
+	"ipsec":     v1alpha1.ModeIPsec,
+}
+
+// modeNames are the values --mode takes, sorted.
+func modeNames() []string {
+	return slices.Sorted(maps.Keys(modes))
 }
 
 func parseMode(s string) (v1alpha1.EncryptionMode, error) {
 	if m, ok := modes[strings.ToLower(s)]; ok {
 		return m, nil
 	}
-	if strings.EqualFold(s, "ipsec") {
-		return "", fmt.Errorf("--mode ipsec: IPsec mode is not available in this version; use wireguard")
+	valid := strings.Join(modeNames(), ", ")
+	switch strings.ToLower(s) {
+	case "disabled", "none", "off":
+		return "", fmt.Errorf("--mode %s: to turn encryption off, use the `encryption disable` command (valid modes: %s)", s, valid)
 	}
-	return "", fmt.Errorf("--mode %q: unknown mode (want wireguard)", s)
+	return "", fmt.Errorf("--mode %q: unknown mode (valid modes: %s)", s, valid)
 }
 
 type waitFlags struct {
@@ -52,7 +62,7 @@ func newEncryptionCmd(g *globals) *cobra.Command {
 	var strict bool
 	var wf waitFlags
 	enable := &cobra.Command{
-		Use:   "enable --mode wireguard [--wait]",
+		Use:   "enable --mode wireguard|ipsec [--strict] [--wait]",
 		Short: "encrypt pod traffic between nodes",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -63,7 +73,8 @@ func newEncryptionCmd(g *globals) *cobra.Command {
 			return setMode(cmd.Context(), g, cmd.OutOrStdout(), m, strict, wf)
 		},
 	}
-	enable.Flags().StringVar(&mode, "mode", "", "encryption mode: wireguard")
+	enable.Flags().StringVar(&mode, "mode", "", "encryption mode: "+strings.Join(modeNames(), ", "))
+	_ = enable.RegisterFlagCompletionFunc("mode", cobra.FixedCompletions(modeNames(), cobra.ShellCompDirectiveNoFileComp))
 	enable.Flags().BoolVar(&strict, "strict", false, "drop, never send in clear, pod traffic to nodes whose tunnel is not ready")
 	_ = enable.MarkFlagRequired("mode")
 	wf.register(enable)
@@ -108,7 +119,7 @@ func setMode(ctx context.Context, g *globals, out io.Writer, mode v1alpha1.Encry
 		return c.Update(ctx, &mc)
 	})
 	if err != nil {
-		return fmt.Errorf("set MeshConfig %s mode %s: %w", v1alpha1.MeshConfigName, mode, explainAPIError(err, "update", "meshconfigs"))
+		return fmt.Errorf("set MeshConfig %s mode %s: %w", v1alpha1.MeshConfigName, mode, err)
 	}
 	if strict {
 		fmt.Fprintf(out, "encryption mode %s -> %s (strict)\n", previous, mode)
@@ -136,7 +147,7 @@ func waitForMode(ctx context.Context, c client.Client, out io.Writer, mode v1alp
 			if ctx.Err() != nil {
 				return fmt.Errorf("timed out after %s waiting for nodes to apply %s", timeout, mode)
 			}
-			return fmt.Errorf("list MeshNodes: %w", explainAPIError(err, "list", "meshnodes"))
+			return fmt.Errorf("list MeshNodes: %w", err)
 		}
 		var nodes corev1.NodeList
 		if err := c.List(ctx, &nodes); err != nil {
@@ -172,13 +183,4 @@ func waitForMode(ctx context.Context, c client.Client, out io.Writer, mode v1alp
 		case <-tick.C:
 		}
 	}
-}
-
-// explainAPIError turns a Forbidden error into one that names the verb and resource the
-// caller lacks.
-func explainAPIError(err error, verb, resource string) error {
-	if apierrors.IsForbidden(err) {
-		return fmt.Errorf("not allowed to %s %s.meshcrypt.io (ask for RBAC: verb %q on resource %q in group meshcrypt.io): %w", verb, resource, verb, resource, err)
-	}
-	return err
 }

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"slices"
@@ -13,18 +12,17 @@ import (
 
 	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/yaml"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/pkg/identity"
 	identitykube "github.com/meshcrypt/meshcrypt/pkg/identity/kube"
 	"github.com/meshcrypt/meshcrypt/pkg/policy"
 )
-
-// errVerdict makes the command exit 1 after printing its own verdict.
-var errVerdict = errors.New("")
 
 func newIdentitiesCmd(g *globals) *cobra.Command {
 	var output string
@@ -33,6 +31,9 @@ func newIdentitiesCmd(g *globals) *cobra.Command {
 		Short: "list the numeric identities and their label sets",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if !slices.Contains(outputFormats, output) {
+				return fmt.Errorf("-o %q: want one of %s", output, strings.Join(outputFormats, ", "))
+			}
 			c, err := g.client()
 			if err != nil {
 				return err
@@ -42,7 +43,7 @@ func newIdentitiesCmd(g *globals) *cobra.Command {
 				return err
 			}
 			out := cmd.OutOrStdout()
-			if output == "json" {
+			if output != "table" {
 				type row struct {
 					Identity uint32            `json:"identity"`
 					Cluster  uint8             `json:"cluster"`
@@ -51,6 +52,14 @@ func newIdentitiesCmd(g *globals) *cobra.Command {
 				rows := []row{}
 				for _, id := range ids {
 					rows = append(rows, row{id.ID, identity.Identity(id.ID).Cluster(), id.Labels})
+				}
+				if output == "yaml" {
+					b, err := yaml.Marshal(rows)
+					if err != nil {
+						return err
+					}
+					_, err = out.Write(b)
+					return err
 				}
 				enc := json.NewEncoder(out)
 				enc.SetIndent("", "  ")
@@ -64,7 +73,8 @@ func newIdentitiesCmd(g *globals) *cobra.Command {
 			return tw.Flush()
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: "+strings.Join(outputFormats, ", "))
+	_ = cmd.RegisterFlagCompletionFunc("output", cobra.FixedCompletions(outputFormats, cobra.ShellCompDirectiveNoFileComp))
 	return cmd
 }
 
@@ -72,7 +82,7 @@ func newIdentitiesCmd(g *globals) *cobra.Command {
 func listIdentities(ctx context.Context, c client.Client) ([]policy.Identity, error) {
 	var list v1alpha1.MeshIdentityList
 	if err := c.List(ctx, &list); err != nil {
-		return nil, fmt.Errorf("list MeshIdentities: %w", explainAPIError(err, "list", "meshidentities"))
+		return nil, fmt.Errorf("list MeshIdentities: %w", err)
 	}
 	var out []policy.Identity
 	for i := range list.Items {
@@ -94,12 +104,18 @@ func newPolicyCmd(g *globals) *cobra.Command {
 		Short: "explain whether traffic from one pod to another is allowed, and by which rule",
 		Long: "Computes the verdict the classifier reaches for a packet from one pod to another, from\n" +
 			"the cluster's MeshPolicies and identities, and names the rule that allowed it or the\n" +
-			"policies that make the direction default-deny. Exits 1 when the traffic is denied.",
+			"policies that make the direction default-deny. Exits 0 when the traffic is allowed, 1 when it\n" +
+			"is denied, 2 on an error (a pod that does not exist, no identity yet, no permission).",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			proto, p, err := parsePortProto(port)
 			if err != nil {
 				return err
+			}
+			for i, s := range []string{from, to} {
+				if _, err := podRef(s); err != nil {
+					return fmt.Errorf("%s %w", [2]string{"--from", "--to"}[i], err)
+				}
 			}
 			c, err := g.client()
 			if err != nil {
@@ -122,6 +138,9 @@ func newPolicyCmd(g *globals) *cobra.Command {
 	for _, f := range []string{"from", "to", "port"} {
 		_ = check.MarkFlagRequired(f)
 	}
+	_ = check.RegisterFlagCompletionFunc("from", completePods(g))
+	_ = check.RegisterFlagCompletionFunc("to", completePods(g))
+	_ = check.RegisterFlagCompletionFunc("port", cobra.NoFileCompletions)
 	cmd.AddCommand(check)
 	return cmd
 }
@@ -147,11 +166,16 @@ func parsePortProto(s string) (uint8, uint16, error) {
 	return 0, 0, fmt.Errorf("--port %q: protocol must be TCP or UDP (or use ICMP alone)", s)
 }
 
-func podRef(s string) client.ObjectKey {
+// podRef parses a pod given as NAMESPACE/NAME, or NAME in namespace default.
+func podRef(s string) (client.ObjectKey, error) {
+	key := client.ObjectKey{Namespace: "default", Name: s}
 	if ns, name, ok := strings.Cut(s, "/"); ok {
-		return client.ObjectKey{Namespace: ns, Name: name}
+		key = client.ObjectKey{Namespace: ns, Name: name}
 	}
-	return client.ObjectKey{Namespace: "default", Name: s}
+	if key.Namespace == "" || key.Name == "" || strings.Contains(key.Name, "/") {
+		return key, fmt.Errorf("%q: want a pod as NAMESPACE/NAME (or NAME in namespace default)", s)
+	}
+	return key, nil
 }
 
 // policyCheck prints the decision for a packet from one pod to another and reports whether it
@@ -167,12 +191,19 @@ func policyCheck(ctx context.Context, c client.Client, out io.Writer, from, to s
 		id  uint32
 	}
 	var ends [2]end
+	flagOf := [2]string{"--from", "--to"}
 	for i, s := range []string{from, to} {
 		e := &ends[i]
-		key := podRef(s)
+		key, err := podRef(s)
+		if err != nil {
+			return false, fmt.Errorf("%s %w", flagOf[i], err)
+		}
 		e.ref = key.String()
 		if err := c.Get(ctx, key, &e.pod); err != nil {
-			return false, fmt.Errorf("pod %s: %w", e.ref, err)
+			if apierrors.IsNotFound(err) {
+				return false, fmt.Errorf("%s %s: pod not found (want NAMESPACE/NAME; a name alone means namespace default)", flagOf[i], e.ref)
+			}
+			return false, fmt.Errorf("get pod %s: %w", e.ref, err)
 		}
 		l, err := identity.Canonical(e.pod.Labels, e.pod.Namespace, e.pod.Spec.ServiceAccountName, clusterName)
 		if err != nil {
@@ -189,7 +220,7 @@ func policyCheck(ctx context.Context, c client.Client, out io.Writer, from, to s
 	}
 	var pols v1alpha1.MeshPolicyList
 	if err := c.List(ctx, &pols); err != nil {
-		return false, fmt.Errorf("list MeshPolicies: %w", explainAPIError(err, "list", "meshpolicies"))
+		return false, fmt.Errorf("list MeshPolicies: %w", err)
 	}
 	var nss corev1.NamespaceList
 	if err := c.List(ctx, &nss); err != nil {

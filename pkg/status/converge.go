@@ -17,7 +17,8 @@ type NodeProgress struct {
 }
 
 // Progress reports, per node, whether it has applied mode: for WireGuard, every other node
-// configured with its current key; for Disabled, no peers left. expected are the cluster's
+// configured with its current key; for IPsec, encrypting to every other node with an SPI
+// that node has installed; for Disabled, no peers left. expected are the cluster's
 // Kubernetes node names: a node whose agent has not published a MeshNode yet is not done.
 // All nodes done means the cluster has converged.
 func Progress(mode v1alpha1.EncryptionMode, nodes []v1alpha1.MeshNode, expected []string) []NodeProgress {
@@ -46,7 +47,7 @@ func progress(mode v1alpha1.EncryptionMode, n *v1alpha1.MeshNode, all []v1alpha1
 		p.Waiting = fmt.Sprintf("agent has applied %q", n.Status.Mode)
 		return p
 	}
-	if mode != v1alpha1.ModeWireGuard {
+	if mode != v1alpha1.ModeWireGuard && mode != v1alpha1.ModeIPsec {
 		if len(n.Status.Peers) > 0 {
 			p.Waiting = fmt.Sprintf("%d peers left", len(n.Status.Peers))
 			return p
@@ -54,17 +55,13 @@ func progress(mode v1alpha1.EncryptionMode, n *v1alpha1.MeshNode, all []v1alpha1
 		p.Done = true
 		return p
 	}
-	configured := map[string]string{}
-	for _, ps := range n.Status.Peers {
-		configured[ps.Node] = ps.PublicKey
-	}
 	var missing []string
 	for i := range all {
 		o := &all[i]
-		if o.Name == n.Name || o.Spec.WireGuard == nil {
-			continue
+		if o.Name == n.Name || (mode == v1alpha1.ModeWireGuard && o.Spec.WireGuard == nil) || (mode == v1alpha1.ModeIPsec && o.Spec.IPsec == nil) {
+			continue // a node that announces nothing for the mode cannot be a peer yet
 		}
-		if configured[o.Name] != o.Spec.WireGuard.PublicKey {
+		if _, ok := peerOf(mode, n, o); !ok {
 			missing = append(missing, o.Name)
 		}
 	}

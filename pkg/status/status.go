@@ -4,12 +4,16 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/yaml"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
@@ -21,11 +25,14 @@ type Report struct {
 	Mode v1alpha1.EncryptionMode `json:"mode"`
 	// Strict is the configured strict mode.
 	Strict bool `json:"strict"`
-	// Compliant is true when encryption is on and every node pair is encrypted.
+	// Compliant is true when encryption is on and every node pair is encrypted, judged from
+	// both nodes' published state.
 	Compliant bool `json:"compliant"`
-	// Verdict is a one-line summary.
+	// Verdict is a one-line summary; it starts with "compliant:" exactly when Compliant.
 	Verdict string `json:"verdict"`
-	// Nodes is one entry per MeshNode, sorted by name.
+	// Scope is the node the report is limited to (see Only); empty for the whole cluster.
+	Scope string `json:"scope,omitempty"`
+	// Nodes is one entry per node, sorted by name.
 	Nodes []Node `json:"nodes"`
 	// Pairs is one entry per unordered node pair, sorted.
 	Pairs []Pair `json:"pairs"`
@@ -33,98 +40,247 @@ type Report struct {
 
 // Node is one node's state as its agent published it.
 type Node struct {
-	Name        string                    `json:"name"`
-	Mode        v1alpha1.EncryptionMode   `json:"mode,omitempty"`
-	Backend     v1alpha1.WireGuardBackend `json:"backend,omitempty"`
-	Fingerprint string                    `json:"keyFingerprint,omitempty"`
-	PeersReady  int                       `json:"peersReady"`
-	Peers       int                       `json:"peers"`
-	TunnelMTU   int                       `json:"tunnelMTU,omitempty"`
-	Ready       bool                      `json:"ready"`
-	Message     string                    `json:"message,omitempty"`
+	// Name is the node's name.
+	Name string `json:"name"`
+	// Mode is the encryption mode the node's agent applied.
+	Mode v1alpha1.EncryptionMode `json:"mode,omitempty"`
+	// Backend is the WireGuard implementation the node runs.
+	Backend v1alpha1.WireGuardBackend `json:"backend,omitempty"`
+	// Fingerprint identifies the node's WireGuard public key (never the key itself).
+	Fingerprint string `json:"keyFingerprint,omitempty"`
+	// IPsecSPI is the keyring SPI the node encrypts with in mode IPsec.
+	IPsecSPI int `json:"ipsecSPI,omitempty"`
+	// IPsecAlgorithm is the algorithm of that key, e.g. rfc4106(gcm(aes)).
+	IPsecAlgorithm string `json:"ipsecAlgorithm,omitempty"`
+	// IPsecSPIs are the keyring SPIs the node has installed for every peer.
+	IPsecSPIs []int `json:"ipsecSPIs,omitempty"`
+	// IPsecStates counts the ESP states (keys) installed.
+	IPsecStates int `json:"ipsecStates,omitempty"`
+	// IPsecSequence is the highest outbound ESP sequence number; IPsecSequenceLimit where a
+	// state stops sending.
+	IPsecSequence      int64 `json:"ipsecSequence,omitempty"`
+	IPsecSequenceLimit int64 `json:"ipsecSequenceLimit,omitempty"`
+	// XFRMErrors are the node's non-zero XFRM error counters.
+	XFRMErrors map[string]int64 `json:"xfrmErrors,omitempty"`
+	// PeersReady counts the peers the node has configured with their current key.
+	PeersReady int `json:"peersReady"`
+	// Peers is the number of other nodes the node is paired with.
+	Peers int `json:"peers"`
+	// TunnelMTU is the MTU of the node's WireGuard device.
+	TunnelMTU int `json:"tunnelMTU,omitempty"`
+	// Ready is the node's Ready condition; false also for a node without a MeshNode.
+	Ready bool `json:"ready"`
+	// Message says why the node is not ready, has no MeshNode, or is not paired.
+	Message string `json:"message,omitempty"`
 }
 
 // Pair is the state of the tunnel between two nodes.
 type Pair struct {
-	A         string `json:"a"`
-	B         string `json:"b"`
-	Encrypted bool   `json:"encrypted"`
+	// A and B are the nodes' names, A < B.
+	A string `json:"a"`
+	B string `json:"b"`
+	// Encrypted is true when both nodes have applied the mode and each has configured the
+	// other with the key the other announces.
+	Encrypted bool `json:"encrypted"`
 	// Reason says why the pair is not encrypted.
 	Reason string `json:"reason,omitempty"`
 	// LastHandshake is the most recent handshake either side reports.
 	LastHandshake *time.Time `json:"lastHandshake,omitempty"`
 }
 
-// Compute builds the report. cfg may be nil (no MeshConfig: mode Disabled).
+// Input is what a report is computed from.
+type Input struct {
+	// Config is the cluster's MeshConfig; nil means there is none (mode Disabled).
+	Config *v1alpha1.MeshConfig
+	// MeshNodes are the states the agents published.
+	MeshNodes []v1alpha1.MeshNode
+	// Nodes are the names of the cluster's Kubernetes nodes. When not nil, they are the
+	// nodes that are paired: a node without a MeshNode (no agent has published for it) is
+	// part of every pair it makes, none of them encrypted; a MeshNode whose node is not in
+	// the list (left over from a deleted node; agents refuse it as a peer) is listed but
+	// paired with nothing. nil pairs the MeshNodes alone.
+	Nodes []string
+}
+
+// Compute builds the report from the MeshConfig (nil: mode Disabled) and the MeshNodes
+// alone. It is Evaluate without the Kubernetes node list.
 func Compute(cfg *v1alpha1.MeshConfig, nodes []v1alpha1.MeshNode) Report {
+	return Evaluate(Input{Config: cfg, MeshNodes: nodes})
+}
+
+// Evaluate builds the report: every node's state, every pair of paired nodes judged from
+// both sides, and the verdict.
+func Evaluate(in Input) Report {
 	r := Report{Mode: v1alpha1.ModeDisabled}
-	if cfg != nil && cfg.Spec.Encryption.Mode != "" {
+	if cfg := in.Config; cfg != nil && cfg.Spec.Encryption.Mode != "" {
 		r.Mode = cfg.Spec.Encryption.Mode
 		r.Strict = cfg.Spec.Encryption.Strict
 	}
+	byName := map[string]*v1alpha1.MeshNode{}
+	for i := range in.MeshNodes {
+		byName[in.MeshNodes[i].Name] = &in.MeshNodes[i]
+	}
+	paired := map[string]bool{}
+	if in.Nodes == nil {
+		for name := range byName {
+			paired[name] = true
+		}
+	} else {
+		for _, name := range in.Nodes {
+			paired[name] = true
+		}
+	}
+	names := slices.Sorted(maps.Keys(paired))
+	for name := range byName {
+		if !paired[name] {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		r.Nodes = append(r.Nodes, nodeRow(name, byName[name], paired[name], len(paired)-1))
+	}
+	var pairedNames []string
+	for _, name := range names {
+		if paired[name] {
+			pairedNames = append(pairedNames, name)
+		}
+	}
+	for i, a := range pairedNames {
+		for _, b := range pairedNames[i+1:] {
+			r.Pairs = append(r.Pairs, pair(r.Mode, r.Strict, a, b, byName[a], byName[b]))
+		}
+	}
+	r.judge(len(pairedNames))
+	return r
+}
+
+// nodeRow is one row of the nodes table; mn is nil when no agent has published for the node.
+func nodeRow(name string, mn *v1alpha1.MeshNode, paired bool, peers int) Node {
+	n := Node{Name: name, Peers: peers}
+	if mn == nil {
+		n.Message = "agent missing: no MeshNode for this node"
+		return n
+	}
+	n.Mode = mn.Status.Mode
+	n.Backend = mn.Status.Backend
+	n.PeersReady = int(mn.Status.PeersReady)
+	n.TunnelMTU = int(mn.Status.TunnelMTU)
+	if wg := mn.Spec.WireGuard; wg != nil {
+		if k, err := wgtypes.ParseKey(wg.PublicKey); err == nil {
+			n.Fingerprint = wireguard.Fingerprint(k)
+		}
+	}
+	if ip := mn.Status.IPsec; ip != nil {
+		n.IPsecSPI = int(ip.OutboundSPI)
+		n.IPsecAlgorithm = ip.Algorithm
+		n.IPsecStates = int(ip.States)
+		n.IPsecSequence, n.IPsecSequenceLimit = ip.HighestSequence, ip.SequenceLimit
+		n.XFRMErrors = ip.XFRMErrors
+	}
+	if ip := mn.Spec.IPsec; ip != nil {
+		for _, s := range ip.SPIs {
+			n.IPsecSPIs = append(n.IPsecSPIs, int(s))
+		}
+	}
+	for _, c := range mn.Status.Conditions {
+		if c.Type == v1alpha1.ConditionReady {
+			n.Ready = c.Status == metav1.ConditionTrue
+			if !n.Ready {
+				n.Message = c.Message
+			}
+		}
+	}
+	if !paired {
+		n.Peers = 0
+		n.Message = "stale MeshNode: no Kubernetes node of this name, not paired"
+	}
+	return n
+}
+
+// judge sets the verdict from the pairs; nodes is the number of paired nodes.
+func (r *Report) judge(nodes int) {
 	modeText := string(r.Mode)
 	if r.Strict {
 		modeText += ", strict"
 	}
-	nodes = slices.Clone(nodes)
-	slices.SortFunc(nodes, func(a, b v1alpha1.MeshNode) int { return strings.Compare(a.Name, b.Name) })
-	for i := range nodes {
-		mn := &nodes[i]
-		n := Node{
-			Name:       mn.Name,
-			Mode:       mn.Status.Mode,
-			Backend:    mn.Status.Backend,
-			PeersReady: int(mn.Status.PeersReady),
-			Peers:      len(nodes) - 1,
-			TunnelMTU:  int(mn.Status.TunnelMTU),
-		}
-		if wg := mn.Spec.WireGuard; wg != nil {
-			if k, err := wgtypes.ParseKey(wg.PublicKey); err == nil {
-				n.Fingerprint = wireguard.Fingerprint(k)
-			}
-		}
-		for _, c := range mn.Status.Conditions {
-			if c.Type == v1alpha1.ConditionReady {
-				n.Ready = c.Status == "True"
-				if !n.Ready {
-					n.Message = c.Message
-				}
-			}
-		}
-		r.Nodes = append(r.Nodes, n)
-	}
-	encrypted := 0
-	for i := range nodes {
-		for j := i + 1; j < len(nodes); j++ {
-			p := pair(r.Mode, r.Strict, &nodes[i], &nodes[j])
-			if p.Encrypted {
-				encrypted++
-			}
-			r.Pairs = append(r.Pairs, p)
+	total, encrypted := len(r.Pairs), 0
+	for _, p := range r.Pairs {
+		if p.Encrypted {
+			encrypted++
 		}
 	}
-	total := len(r.Pairs)
+	pairs := fmt.Sprintf("%d node pairs", total)
+	if r.Scope != "" {
+		pairs += " of " + r.Scope
+	}
+	r.Compliant = false
 	switch {
 	case r.Mode == v1alpha1.ModeDisabled:
-		r.Verdict = fmt.Sprintf("not compliant: encryption is disabled (%d node pairs in clear)", total)
-	case len(nodes) < 2:
+		r.Verdict = fmt.Sprintf("NOT compliant: encryption is disabled (%s in clear)", pairs)
+	case !judged(r.Mode):
+		r.Verdict = fmt.Sprintf("NOT compliant: cannot judge mode %q (this meshcrypt knows %s, %s and %s)", r.Mode, v1alpha1.ModeDisabled, v1alpha1.ModeWireGuard, v1alpha1.ModeIPsec)
+	case total == 0 && r.Scope != "":
 		r.Compliant = true
-		r.Verdict = fmt.Sprintf("compliant: %d node, no node pairs (%s)", len(nodes), modeText)
+		r.Verdict = fmt.Sprintf("compliant: %s has no node pairs (%s)", r.Scope, modeText)
+	case total == 0:
+		r.Compliant = true
+		r.Verdict = fmt.Sprintf("compliant: %s, no node pairs (%s)", count(nodes, "node"), modeText)
 	case encrypted == total:
 		r.Compliant = true
-		r.Verdict = fmt.Sprintf("compliant: all %d node pairs encrypted (%s)", total, modeText)
+		r.Verdict = fmt.Sprintf("compliant: all %s encrypted (%s)", pairs, modeText)
 	default:
-		r.Verdict = fmt.Sprintf("not compliant: %d of %d node pairs encrypted (%s)", encrypted, total, modeText)
+		r.Verdict = fmt.Sprintf("NOT compliant: %d of %s not encrypted (%s)", total-encrypted, pairs, modeText)
 	}
-	return r
 }
 
-// pair judges the tunnel between a and b from both sides: each must have applied the mode
-// and configured the other with the key the other currently announces.
-func pair(mode v1alpha1.EncryptionMode, strict bool, a, b *v1alpha1.MeshNode) Pair {
-	p := Pair{A: a.Name, B: b.Name}
-	ab, okAB := peerOf(a, b)
-	ba, okBA := peerOf(b, a)
+// count is "1 node", "3 nodes".
+func count(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
+}
+
+// judged reports whether pair knows how to judge a mode.
+func judged(m v1alpha1.EncryptionMode) bool {
+	return m == v1alpha1.ModeDisabled || m == v1alpha1.ModeWireGuard || m == v1alpha1.ModeIPsec
+}
+
+// Only returns the report limited to one node: that node's row, the pairs it is part of,
+// and the verdict on those pairs. ok is false when the report has no node of that name.
+func (r Report) Only(name string) (_ Report, ok bool) {
+	out := Report{Mode: r.Mode, Strict: r.Strict, Scope: name}
+	for _, n := range r.Nodes {
+		if n.Name == name {
+			out.Nodes = append(out.Nodes, n)
+		}
+	}
+	if len(out.Nodes) == 0 {
+		return Report{}, false
+	}
+	for _, p := range r.Pairs {
+		if p.A == name || p.B == name {
+			out.Pairs = append(out.Pairs, p)
+		}
+	}
+	out.judge(len(out.Nodes))
+	return out, true
+}
+
+// pair judges the tunnel between the nodes named a and b from both sides: each must have
+// applied the mode (and strict mode, when configured) and send to the other with a key the
+// other announces: in mode WireGuard, each has configured the other's current public key; in
+// mode IPsec, each encrypts to the other (an outbound state and policy) with a keyring SPI
+// the other has installed inbound. ma or mb is nil when that node has no MeshNode.
+func pair(mode v1alpha1.EncryptionMode, strict bool, a, b string, ma, mb *v1alpha1.MeshNode) Pair {
+	p := Pair{A: a, B: b}
+	var ab, ba *v1alpha1.PeerStatus
+	var okAB, okBA bool
+	if ma != nil && mb != nil {
+		ab, okAB = peerOf(mode, ma, mb)
+		ba, okBA = peerOf(mode, mb, ma)
+	}
 	for _, ps := range []*v1alpha1.PeerStatus{ab, ba} {
 		if ps != nil && ps.LastHandshakeTime != nil {
 			t := ps.LastHandshakeTime.Time
@@ -134,35 +290,56 @@ func pair(mode v1alpha1.EncryptionMode, strict bool, a, b *v1alpha1.MeshNode) Pa
 		}
 	}
 	switch {
-	case mode != v1alpha1.ModeWireGuard:
+	case mode == v1alpha1.ModeDisabled:
 		p.Reason = "encryption disabled"
-	case a.Status.Mode != mode:
-		p.Reason = fmt.Sprintf("%s has not applied %s", a.Name, mode)
-	case strict && !a.Status.Strict:
-		p.Reason = fmt.Sprintf("%s has not applied strict mode", a.Name)
-	case strict && !b.Status.Strict:
-		p.Reason = fmt.Sprintf("%s has not applied strict mode", b.Name)
-	case b.Status.Mode != mode:
-		p.Reason = fmt.Sprintf("%s has not applied %s", b.Name, mode)
+	case !judged(mode):
+		p.Reason = fmt.Sprintf("mode %s cannot be judged by this version", mode)
+	case ma == nil:
+		p.Reason = fmt.Sprintf("%s has no MeshNode (no agent)", a)
+	case mb == nil:
+		p.Reason = fmt.Sprintf("%s has no MeshNode (no agent)", b)
+	case ma.Status.Mode != mode:
+		p.Reason = fmt.Sprintf("%s has not applied %s", a, mode)
+	case mb.Status.Mode != mode:
+		p.Reason = fmt.Sprintf("%s has not applied %s", b, mode)
+	case strict && !ma.Status.Strict:
+		p.Reason = fmt.Sprintf("%s has not applied strict mode", a)
+	case strict && !mb.Status.Strict:
+		p.Reason = fmt.Sprintf("%s has not applied strict mode", b)
 	case !okAB:
-		p.Reason = fmt.Sprintf("%s has not configured %s's current key", a.Name, b.Name)
+		p.Reason = notEncrypting(mode, ma, mb, ab)
 	case !okBA:
-		p.Reason = fmt.Sprintf("%s has not configured %s's current key", b.Name, a.Name)
+		p.Reason = notEncrypting(mode, mb, ma, ba)
 	default:
 		p.Encrypted = true
 	}
 	return p
 }
 
-// peerOf finds b in a's peer list; ok when it is configured with b's announced key.
-func peerOf(a, b *v1alpha1.MeshNode) (*v1alpha1.PeerStatus, bool) {
+// peerOf finds b in a's peer list; ok when a sends to b with a key b announces (see pair).
+func peerOf(mode v1alpha1.EncryptionMode, a, b *v1alpha1.MeshNode) (*v1alpha1.PeerStatus, bool) {
 	for i := range a.Status.Peers {
 		ps := &a.Status.Peers[i]
-		if ps.Node == b.Name {
-			return ps, b.Spec.WireGuard != nil && ps.PublicKey == b.Spec.WireGuard.PublicKey
+		if ps.Node != b.Name {
+			continue
 		}
+		if mode == v1alpha1.ModeIPsec {
+			return ps, ps.OutboundSPI > 0 && b.Spec.IPsec != nil && slices.Contains(b.Spec.IPsec.SPIs, ps.OutboundSPI)
+		}
+		return ps, b.Spec.WireGuard != nil && ps.PublicKey == b.Spec.WireGuard.PublicKey
 	}
 	return nil, false
+}
+
+// notEncrypting says why a does not send to b encrypted; ps is b in a's peer list, if there.
+func notEncrypting(mode v1alpha1.EncryptionMode, a, b *v1alpha1.MeshNode, ps *v1alpha1.PeerStatus) string {
+	if mode != v1alpha1.ModeIPsec {
+		return fmt.Sprintf("%s has not configured %s's current key", a.Name, b.Name)
+	}
+	if ps == nil || ps.OutboundSPI == 0 {
+		return fmt.Sprintf("%s does not encrypt to %s yet", a.Name, b.Name)
+	}
+	return fmt.Sprintf("%s encrypts to %s with SPI %d, which %s has not installed", a.Name, b.Name, ps.OutboundSPI, b.Name)
 }
 
 // WriteJSON writes the report as indented JSON.
@@ -170,6 +347,16 @@ func (r Report) WriteJSON(w io.Writer) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(r)
+}
+
+// WriteYAML writes the report as YAML, with the same field names as WriteJSON.
+func (r Report) WriteYAML(w io.Writer) error {
+	b, err := yaml.Marshal(r)
+	if err != nil {
+		return fmt.Errorf("encode status as YAML: %w", err)
+	}
+	_, err = w.Write(b)
+	return err
 }
 
 // WriteTable writes the verdict line, then a table of nodes and a table of pairs. Handshake
@@ -187,13 +374,24 @@ func (r Report) WriteTable(w io.Writer, now time.Time) error {
 		ready := "yes"
 		if !n.Ready {
 			ready = "no"
-			if n.Message != "" {
-				ready += ": " + n.Message
-			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d/%d\t%d\t%s\n", n.Name, dash(string(n.Mode)), dash(string(n.Backend)), dash(n.Fingerprint), n.PeersReady, n.Peers, n.TunnelMTU, ready)
+		if n.Message != "" {
+			ready += ": " + n.Message
+		}
+		mtu := "-"
+		if n.TunnelMTU > 0 {
+			mtu = strconv.Itoa(n.TunnelMTU)
+		}
+		key := n.Fingerprint
+		if n.Mode == v1alpha1.ModeIPsec && n.IPsecSPI > 0 {
+			key = fmt.Sprintf("spi %d %s", n.IPsecSPI, n.IPsecAlgorithm)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d/%d\t%s\t%s\n", n.Name, dash(string(n.Mode)), dash(string(n.Backend)), dash(strings.TrimSpace(key)), n.PeersReady, n.Peers, mtu, ready)
 	}
 	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if err := writeIPsec(w, r.Nodes); err != nil {
 		return err
 	}
 	if len(r.Pairs) == 0 {
@@ -221,4 +419,35 @@ func dash(s string) string {
 		return "-"
 	}
 	return s
+}
+
+// writeIPsec writes the IPsec table (keys installed, sequence numbers, XFRM errors) when a
+// node runs IPsec.
+func writeIPsec(w io.Writer, nodes []Node) error {
+	if !slices.ContainsFunc(nodes, func(n Node) bool { return n.Mode == v1alpha1.ModeIPsec }) {
+		return nil
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "IPSEC NODE\tOUT SPI\tSPIS INSTALLED\tSTATES\tSEQUENCE USED\tXFRM ERRORS")
+	for _, n := range nodes {
+		if n.Mode != v1alpha1.ModeIPsec {
+			continue
+		}
+		spis := make([]string, len(n.IPsecSPIs))
+		for i, s := range n.IPsecSPIs {
+			spis[i] = strconv.Itoa(s)
+		}
+		seq := "-"
+		if n.IPsecSequenceLimit > 0 {
+			seq = fmt.Sprintf("%d of %d (%.4f%%)", n.IPsecSequence, n.IPsecSequenceLimit, 100*float64(n.IPsecSequence)/float64(n.IPsecSequenceLimit))
+		}
+		var errs []string
+		for name, v := range n.XFRMErrors {
+			errs = append(errs, fmt.Sprintf("%s=%d", name, v))
+		}
+		slices.Sort(errs)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\t%s\n", n.Name, n.IPsecSPI, dash(strings.Join(spis, ",")), n.IPsecStates, seq, dash(strings.Join(errs, " ")))
+	}
+	return tw.Flush()
 }

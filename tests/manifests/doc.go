@@ -9,8 +9,8 @@
 //     kube-apiserver (server-side dry run, strict field validation), and that the chart's
 //     RBAC, admission policy and CRDs are the ones in manifests/;
 //   - the Dockerfile's sources, packages and entrypoint; the Grafana dashboard's metric names
-//     (taken from pkg/metrics's registry); and every meshcrypt and meshcrypt-agent command
-//     line in the docs (run with --help against the real binaries).
+//     (taken from pkg/metrics's registry); and every agent flag the chart passes (run with
+//     --help against the real binary). The docs' command lines are checked in tests/docs.
 //
 // Regenerate the golden files (testdata/*.golden.yaml and manifests/install/meshcrypt.yaml)
 // with `go test ./tests/manifests -update`.
