@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -22,6 +23,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -29,6 +32,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
@@ -59,6 +63,13 @@ type Options struct {
 	AgentArgs []string
 	// Logger receives harness progress; nil discards it.
 	Logger *slog.Logger
+	// Kubeconfig is the admin kubeconfig of an external control plane to run against instead
+	// of starting one; "" means $MESHCRYPT_KUBECONFIG (KubeconfigEnv), and when that is
+	// empty too, Start runs a control plane of its own. The external one must already serve
+	// what ApplyManifests installs; Start deletes what earlier clusters left in it (see
+	// Start). This is how the e2e suites run in the VM (tests/vm) against the host's
+	// kube-apiserver.
+	Kubeconfig string
 }
 
 // Cluster is a running test cluster.
@@ -69,11 +80,19 @@ type Cluster struct {
 	tmpDir bool
 	bins   string
 
+	// CP is the cluster's own control plane; nil when it runs against an external one
+	// (Options.Kubeconfig): see External.
 	CP     *controlplane.ControlPlane
 	Net    *netenv.Topology
 	Client client.Client
 	kube   kubernetes.Interface
 	bpfDir string
+
+	rest *rest.Config // the admin's
+	// apiAddr is the API server's host:port as this process reaches it: the node
+	// namespaces' forwarders connect there.
+	apiAddr string
+	ext     *external // nil with a control plane of its own
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -101,8 +120,15 @@ type Node struct {
 	exitErr error
 }
 
-// Start starts the control plane, installs the CRDs, creates the underlay, and returns an
-// empty cluster (no MeshConfig: mode Disabled). On error everything started is stopped.
+// Start starts the control plane, installs the CRDs, RBAC and admission policy
+// (ApplyManifests), creates the underlay, and returns an empty cluster (no MeshConfig: mode
+// Disabled). On error everything started is stopped.
+//
+// With an external control plane (Options.Kubeconfig) it starts none and applies nothing;
+// instead it deletes every meshcrypt.io object, Node, Pod and Event, and the Secrets of the
+// agent's namespace, that earlier clusters left there, so each cluster starts from the state
+// of a fresh control plane whatever its predecessor did or how it ended. Close leaves the
+// objects in place, for a look after the fact; the next Start clears them.
 func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	log := opts.Logger
 	if log == nil {
@@ -132,25 +158,23 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	if _, err := netenv.CleanupStale(ctx, log); err != nil {
 		log.Warn("clean up stale namespaces", "err", err)
 	}
-	if err := controlplane.CleanupStale(""); err != nil {
-		log.Warn("clean up stale control planes", "err", err)
-	}
-	if c.CP, err = controlplane.Start(ctx, controlplane.Options{Logger: log}); err != nil {
-		return nil, err
-	}
-	root, err := moduleRoot()
-	if err != nil {
-		return nil, err
-	}
-	if err := c.CP.ApplyCRDs(ctx, filepath.Join(root, "manifests", "crds")); err != nil {
-		return nil, err
-	}
-	// Agents run as the ServiceAccount of manifests/rbac, under its ClusterRole and the
-	// MeshNode admission policy, so every e2e run proves both suffice and hold.
-	for _, dir := range []string{"rbac", "admission"} {
-		if err := c.CP.ApplyYAML(ctx, filepath.Join(root, "manifests", dir)); err != nil {
+	if kc := cmp.Or(opts.Kubeconfig, os.Getenv(KubeconfigEnv)); kc != "" {
+		if c.ext, err = loadExternal(kc); err != nil {
 			return nil, err
 		}
+		c.rest, c.apiAddr = c.ext.rest, c.ext.apiAddr
+		log.Info("using an external control plane", "kubeconfig", c.ext.path, "server", c.rest.Host)
+	} else {
+		if err := controlplane.CleanupStale(""); err != nil {
+			log.Warn("clean up stale control planes", "err", err)
+		}
+		if c.CP, err = controlplane.Start(ctx, controlplane.Options{Logger: log}); err != nil {
+			return nil, err
+		}
+		if err := ApplyManifests(ctx, c.CP); err != nil {
+			return nil, err
+		}
+		c.rest, c.apiAddr = c.CP.RESTConfig(), strings.TrimPrefix(c.CP.URL(), "https://")
 	}
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
@@ -159,11 +183,16 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	if err := v1alpha1.AddToScheme(scheme); err != nil {
 		return nil, err
 	}
-	if c.Client, err = client.New(c.CP.RESTConfig(), client.Options{Scheme: scheme}); err != nil {
+	if c.Client, err = client.New(c.rest, client.Options{Scheme: scheme}); err != nil {
 		return nil, err
 	}
-	if c.kube, err = kubernetes.NewForConfig(c.CP.RESTConfig()); err != nil {
+	if c.kube, err = kubernetes.NewForConfig(c.rest); err != nil {
 		return nil, err
+	}
+	if c.ext != nil {
+		if err := c.resetAPI(ctx); err != nil {
+			return nil, err
+		}
 	}
 	if c.Net, err = netenv.New(ctx, netenv.Options{
 		IPv4Only:    opts.IPv4Only,
@@ -233,8 +262,12 @@ func (c *Cluster) PodMTU() int { return wireguard.TunnelMTU(c.opts.UnderlayMTU) 
 // Bin returns the path of one of the project's binaries.
 func (c *Cluster) Bin(name string) string { return filepath.Join(c.bins, name) }
 
-// Kubeconfig writes (once) and returns an admin kubeconfig for tools on the host.
+// Kubeconfig writes (once) and returns an admin kubeconfig for tools on the host: with an
+// external control plane, the one Start was given.
 func (c *Cluster) Kubeconfig() (string, error) {
+	if c.ext != nil {
+		return c.ext.path, nil
+	}
 	p := filepath.Join(c.dir, "admin.kubeconfig")
 	if _, err := os.Stat(p); err == nil {
 		return p, nil
@@ -308,7 +341,7 @@ func (c *Cluster) AddNodeWithoutAgent(ctx context.Context, name string) (*Node, 
 		return nil, err
 	}
 	n.Kubeconfig = filepath.Join(c.dir, name, "kubeconfig")
-	if err := c.CP.WriteKubeconfig(n.Kubeconfig, fmt.Sprintf("https://127.0.0.1:%d", apiPortInNode), token); err != nil {
+	if err := c.writeNodeKubeconfig(n.Kubeconfig, fmt.Sprintf("https://127.0.0.1:%d", apiPortInNode), token); err != nil {
 		return nil, err
 	}
 	c.mu.Lock()
@@ -319,8 +352,7 @@ func (c *Cluster) AddNodeWithoutAgent(ctx context.Context, name string) (*Node, 
 
 // forwardAPI makes the API server reachable at 127.0.0.1:6443 inside the node's namespace.
 func (c *Cluster) forwardAPI(nn *netenv.Node) error {
-	target := strings.TrimPrefix(c.CP.URL(), "https://")
-	if _, err := nn.NS.ForwardTCP(c.ctx, net.JoinHostPort("127.0.0.1", strconv.Itoa(apiPortInNode)), target); err != nil {
+	if _, err := nn.NS.ForwardTCP(c.ctx, net.JoinHostPort("127.0.0.1", strconv.Itoa(apiPortInNode)), c.apiAddr); err != nil {
 		return fmt.Errorf("forward API server into %s: %w", nn.Name, err)
 	}
 	return nil
@@ -538,6 +570,13 @@ func converged(nodes []*Node, mns []v1alpha1.MeshNode, mode v1alpha1.EncryptionM
 		if mn.Status.Mode != mode {
 			return fmt.Sprintf("%s is in mode %q", n.Name, mn.Status.Mode)
 		}
+		if mode == v1alpha1.ModeIPsec {
+			// Every other node encrypted to (an out policy towards it).
+			if int(mn.Status.PeersReady) != len(nodes)-1 || mn.Status.IPsec == nil {
+				return fmt.Sprintf("%s encrypts to %d of %d nodes", n.Name, mn.Status.PeersReady, len(nodes)-1)
+			}
+			continue
+		}
 		if mode != v1alpha1.ModeWireGuard {
 			if len(mn.Status.Peers) != 0 {
 				return fmt.Sprintf("%s still has %d peers", n.Name, len(mn.Status.Peers))
@@ -565,6 +604,27 @@ func converged(nodes []*Node, mns []v1alpha1.MeshNode, mode v1alpha1.EncryptionM
 		}
 	}
 	return ""
+}
+
+// WireGuardDevice reads the node's WireGuard device through wgctrl, from inside the node's
+// namespace: a kernel device answers only there (generic netlink is per namespace), a
+// userspace one anywhere (its UAPI socket is a file). A device that is not there is an
+// error.
+func (n *Node) WireGuardDevice() (*wgtypes.Device, error) {
+	var dev *wgtypes.Device
+	err := n.NS.Do(func() error {
+		wc, err := wgctrl.New()
+		if err != nil {
+			return err
+		}
+		defer wc.Close()
+		dev, err = wc.Device(n.Iface)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("WireGuard device %s of %s: %w", n.Iface, n.Name, err)
+	}
+	return dev, nil
 }
 
 // StartAgent starts the node's agent process inside the node's namespace.
@@ -696,7 +756,8 @@ func (c *Cluster) DumpLogs(w io.Writer, lines int) {
 	}
 }
 
-// Close stops every agent and device, deletes every namespace, stops the control plane and
+// Close stops every agent and device, deletes every namespace, stops the control plane (its
+// own: an external one runs on, with the cluster's objects still in it; see Start) and
 // removes the temporary directory. It is idempotent.
 func (c *Cluster) Close() error {
 	var errs []error

@@ -62,7 +62,7 @@ func agentsAlive(t *testing.T, c *cluster.Cluster) {
 
 // TestFaults: the datapath survives what breaks around it, and nothing leaks in clear meanwhile.
 func TestFaults(t *testing.T) {
-	c := cluster.StartT(t, cluster.Options{Backend: "userspace"})
+	c := cluster.StartT(t, cluster.Options{Backend: string(wgBackend)})
 	ctx := context.Background()
 	var pods []*netenv.Pod
 	for i := 1; i <= 3; i++ {
@@ -189,6 +189,7 @@ func TestFaults(t *testing.T) {
 	})
 
 	t.Run("API server down for 60 s: traffic flows, agents catch up after", func(t *testing.T) {
+		c.NeedOwnControlPlane(t, "stops and starts kube-apiserver")
 		s, err := cluster.StartStream(pods[0], pods[2], pods[2].IPv4, 7220, m, 20*time.Millisecond, 5000)
 		if err != nil {
 			t.Fatal(err)
@@ -226,6 +227,7 @@ func TestFaults(t *testing.T) {
 	})
 
 	t.Run("etcd restart: traffic flows, agents follow later changes", func(t *testing.T) {
+		c.NeedOwnControlPlane(t, "restarts etcd")
 		s, err := cluster.StartStream(pods[1], pods[2], pods[2].IPv4, 7230, m, 10*time.Millisecond, 3000)
 		if err != nil {
 			t.Fatal(err)

@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"golang.zx2c4.com/wireguard/wgctrl"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -40,12 +39,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 // wgTxTo returns how many bytes node's WireGuard device has sent to peerKey.
 func wgTxTo(t *testing.T, n *cluster.Node, peerKey string) int64 {
 	t.Helper()
-	wg, err := wgctrl.New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer wg.Close()
-	dev, err := wg.Device(n.Iface)
+	dev, err := n.WireGuardDevice()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +89,7 @@ func TestPolicy(t *testing.T) {
 // WireGuard device or the wire), allowed traffic still encrypted, and changes (policy
 // removed, pod relabelled) taking effect.
 func testPolicy(t *testing.T, attach string) {
-	c := cluster.StartT(t, cluster.Options{Backend: "userspace", AgentArgs: []string{"--attach-mode", attach}})
+	c := cluster.StartT(t, cluster.Options{Backend: string(wgBackend), AgentArgs: []string{"--attach-mode", attach}})
 	ctx := context.Background()
 	n1, err := c.AddNode(ctx, "n1")
 	if err != nil {
@@ -120,7 +114,7 @@ func testPolicy(t *testing.T, attach string) {
 	if out, err := c.Run(ctx, "meshcrypt", "encryption", "enable", "--mode", "wireguard", "--wait", "--timeout", "1m"); err != nil {
 		t.Fatal(err, out)
 	}
-	wantAttach := map[string]string{"auto": "tcx", "tc": "tc"}[attach]
+	wantAttach := map[string]string{"auto": autoAttach, "tc": "tc"}[attach]
 	eventually(t, "classifier attached and reported as "+wantAttach, func() bool {
 		mns, err := c.MeshNodes(ctx)
 		if err != nil {

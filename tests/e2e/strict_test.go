@@ -100,7 +100,7 @@ func (s *tcpSession) Stop() (rounds int64, err error) {
 // connection; in strict mode a node whose tunnel is not ready yet is unreachable (dropped and
 // counted, never in clear) until it is, and an agent restart changes nothing.
 func TestStrict(t *testing.T) {
-	c := cluster.StartT(t, cluster.Options{Backend: "userspace"})
+	c := cluster.StartT(t, cluster.Options{Backend: string(wgBackend)})
 	ctx := context.Background()
 	var pods []*netenv.Pod
 	for i := 1; i <= 2; i++ {

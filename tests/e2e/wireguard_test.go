@@ -13,11 +13,9 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
-	"golang.zx2c4.com/wireguard/wgctrl"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -88,7 +86,7 @@ func capture(t *testing.T, c *cluster.Cluster, markers ...[]byte) *netenv.Captur
 // status, full-size DF packets, a node joining and leaving, an agent restart under a stream,
 // and back to clear.
 func TestWireGuardEndToEnd(t *testing.T) {
-	c := cluster.StartT(t, cluster.Options{Backend: "userspace"})
+	c := cluster.StartT(t, cluster.Options{Backend: string(wgBackend)})
 	ctx := context.Background()
 	for i := 1; i <= 3; i++ {
 		n, err := c.AddNode(ctx, fmt.Sprintf("n%d", i))
@@ -172,8 +170,18 @@ func TestWireGuardEndToEnd(t *testing.T) {
 			t.Fatalf("report has %d pairs and %d nodes, want 3 and 3", len(r.Pairs), len(r.Nodes))
 		}
 		for _, nd := range r.Nodes {
-			if nd.Backend != v1alpha1.BackendUserspace || nd.PeersReady != 2 || !strings.HasPrefix(nd.Fingerprint, "sha256:") {
-				t.Errorf("node %+v: want userspace backend, 2 peers ready, a fingerprint", nd)
+			if nd.Backend != wgBackend || nd.PeersReady != 2 || !strings.HasPrefix(nd.Fingerprint, "sha256:") {
+				t.Errorf("node %+v: want %s backend, 2 peers ready, a fingerprint", nd, wgBackend)
+			}
+		}
+		mns, err := c.MeshNodes(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mn := range mns {
+			if mn.Status.Backend != wgBackend || mn.Status.AttachMode != autoAttach {
+				t.Errorf("MeshNode %s reports backend %q, attach mode %q; want %s and %s on this kernel",
+					mn.Name, mn.Status.Backend, mn.Status.AttachMode, wgBackend, autoAttach)
 			}
 		}
 		out, err := c.Run(ctx, "meshcrypt", "status")
@@ -323,10 +331,13 @@ func TestWireGuardEndToEnd(t *testing.T) {
 		}
 	})
 
-	t.Run("a killed userspace device is recreated and reconfigured", func(t *testing.T) {
+	lostDevice := map[v1alpha1.WireGuardBackend]string{
+		v1alpha1.BackendUserspace: "a killed userspace device is recreated and reconfigured",
+		v1alpha1.BackendKernel:    "a deleted kernel device is recreated and reconfigured",
+	}[wgBackend]
+	t.Run(lostDevice, func(t *testing.T) {
 		n3 := c.Node("n3")
-		pid := devicePID(t, n3.Iface)
-		// A stream from n3's pod runs across the kill: while n3 has no device, its pod
+		// A stream from n3's pod runs across the loss: while n3 has no device, its pod
 		// traffic must be dropped (blackhole fallback), never routed to the underlay in clear.
 		mk := newMarker(t)
 		cpKill := capture(t, c, mk)
@@ -336,16 +347,13 @@ func TestWireGuardEndToEnd(t *testing.T) {
 			t.Fatal(err)
 		}
 		time.Sleep(300 * time.Millisecond)
-		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
-			t.Fatal(err)
-		}
+		replaced := breakDevice(t, n3)
 		start := time.Now()
 		err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
-			p, ok := findDevicePID(n3.Iface)
-			return ok && p != pid, nil
+			return replaced(), nil
 		})
 		if err != nil {
-			t.Fatalf("no new device process for %s: %v", n3.Iface, err)
+			t.Fatalf("no new %s device %s: %v", wgBackend, n3.Iface, err)
 		}
 		// Status may still show the state from before the kill: wait for the kernel's own
 		// view of n3 (peers on the new device, routes through it) to be whole again.
@@ -378,7 +386,7 @@ func TestWireGuardEndToEnd(t *testing.T) {
 		}
 		// The agent notices within a status period (1 s here); the rest is WireGuard itself:
 		// n1 keeps its session with the old device until it sees no reply (about 10-15 s).
-		t.Logf("device recreated, reconfigured and carrying a one-way flow from a peer %s after SIGKILL", time.Since(start).Round(time.Millisecond))
+		t.Logf("device recreated, reconfigured and carrying a one-way flow from a peer %s after its loss", time.Since(start).Round(time.Millisecond))
 	})
 
 	t.Run("disabled again: peers and routes removed, clear again", func(t *testing.T) {
@@ -419,7 +427,7 @@ func publicKey(t *testing.T, c *cluster.Cluster, node string) string {
 }
 
 // deviceState reads a node's WireGuard peers (public keys) through wgctrl and its tunnel
-// routes through netlink: the kernel's (or device's) own view, not the agent's report.
+// routes through netlink, both inside the node's namespace: the kernel's (or device's) own view, not the agent's report.
 func deviceState(t *testing.T, n *cluster.Node) (peers []string, routes []netip.Prefix) {
 	t.Helper()
 	peers, routes, err := tryDeviceState(n)
@@ -431,14 +439,9 @@ func deviceState(t *testing.T, n *cluster.Node) (peers []string, routes []netip.
 
 // tryDeviceState is deviceState for polling: a device that is not there (yet) is an error.
 func tryDeviceState(n *cluster.Node) (peers []string, routes []netip.Prefix, err error) {
-	wg, err := wgctrl.New()
+	dev, err := n.WireGuardDevice()
 	if err != nil {
 		return nil, nil, err
-	}
-	defer wg.Close()
-	dev, err := wg.Device(n.Iface)
-	if err != nil {
-		return nil, nil, fmt.Errorf("device %s of %s: %w", n.Iface, n.Name, err)
 	}
 	for _, p := range dev.Peers {
 		peers = append(peers, p.PublicKey.String())
@@ -457,14 +460,9 @@ func tryDeviceState(n *cluster.Node) (peers []string, routes []netip.Prefix, err
 // remote pod CIDR.
 func checkDevices(t *testing.T, c *cluster.Cluster) {
 	t.Helper()
-	wg, err := wgctrl.New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer wg.Close()
 	nodes := c.Nodes()
 	for _, n := range nodes {
-		dev, err := wg.Device(n.Iface)
+		dev, err := n.WireGuardDevice()
 		if err != nil {
 			t.Fatal(err)
 		}

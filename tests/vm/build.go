@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,9 +26,13 @@ type Test struct {
 	// ("pkg/crypto/wireguard", "./pkg/datapath"); its test binary is built
 	// with `go test -c` and reported under this name.
 	Package string
-	// Args are extra test flags, e.g. "-test.run=^TestKernel" or
-	// "-test.skip=^TestDeps$" for tests that need the source tree or the go
-	// command, which the VM does not have.
+	// Run is the binary's -test.run pattern: only the tests it matches run
+	// in the VM; "" runs them all. [RunOnly] builds one for a list of test
+	// names. Build rejects a pattern that does not compile.
+	Run string
+	// Args are extra test flags, e.g. "-test.skip=^TestDeps$" for tests that
+	// need the source tree or the go command, which the VM does not have.
+	// They come after Run's flag on the command line.
 	Args []string
 	// Timeout is the binary's -test.timeout; 0 means DefaultTestTimeout.
 	Timeout time.Duration
@@ -36,6 +41,25 @@ type Test struct {
 	// feature the host lacks). Report fails the package when one skips or
 	// is missing.
 	MustRun []string
+}
+
+// RunOnly returns a Test.Run pattern that matches exactly the named
+// top-level tests (and all their subtests): "^(TestA|TestB)$".
+func RunOnly(names ...string) string {
+	quoted := make([]string, len(names))
+	for i, n := range names {
+		quoted[i] = regexp.QuoteMeta(n)
+	}
+	return "^(" + strings.Join(quoted, "|") + ")$"
+}
+
+// checkRun compiles a -test.run pattern, so a typo fails on the host and not
+// as a binary that runs nothing in the VM.
+func checkRun(pkg, pattern string) error {
+	if _, err := regexp.Compile(pattern); err != nil {
+		return fmt.Errorf("test package %s: Run pattern %q: %w", pkg, pattern, err)
+	}
+	return nil
 }
 
 // builtTest is a Test with its compiled binary.
@@ -279,6 +303,9 @@ func compileTests(ctx context.Context, root, out string, tests []Test) ([]*built
 		}
 		if seen[rel] {
 			return nil, fmt.Errorf("test package %s listed twice", rel)
+		}
+		if err := checkRun(rel, t.Run); err != nil {
+			return nil, err
 		}
 		seen[rel] = true
 		file := strings.ReplaceAll(rel, "/", "_") + ".test"

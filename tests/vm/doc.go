@@ -66,31 +66,47 @@
 // is the host's loopback, so a kube-apiserver listening on the host's
 // 127.0.0.1:PORT (tests/controlplane binds loopback only) is
 // https://10.0.2.2:PORT from the guest, and a kubeconfig from
-// ControlPlane.WriteKubeconfig for that server sets tls-server-name localhost,
+// ControlPlane.Kubeconfig for that server sets tls-server-name localhost,
 // which the serving certificate names. The guest has no default route: nothing
-// beyond the host is reachable. TestAgentsInVM runs this path today: etcd and
-// kube-apiserver on the host, the CRDs and a MeshConfig applied from the host;
-// in the VM (tests/vm/internal/guestagent) two tests/netenv nodes with pods, a
-// ForwardTCP from each node namespace to 10.0.2.2:PORT, the real
-// meshcrypt-agent ([Options.Programs]) forced onto kernel WireGuard in each, a
-// full-size ping both ways between the pods; the host then reads the MeshNodes
-// the agents published (backend kernel).
+// beyond the host is reachable.
 //
-// Running tests/e2e itself in the VM needs one change outside this package:
-// tests/cluster starts its own control plane (controlplane.Start) and applies
-// manifests from the source tree. It should accept an external control plane
-// instead, e.g. when $MESHCRYPT_KUBECONFIG names an admin kubeconfig: build
-// the clients from it, take the API server's address for the node forwarders
-// from its server URL, skip ApplyCRDs (the host applies manifests before
-// booting) and skip stopping the control plane in Close. The e2e binary then
-// runs in the VM unchanged: the host starts the control plane, applies
-// manifests/crds, rbac and admission, writes the kubeconfig for
-// https://10.0.2.2:PORT, builds an image with Tests tests/e2e, Programs
-// cmd/meshcrypt-agent and cmd/meshcrypt, HostPrograms ip (and iperf3 for the
-// benchmarks), and boots it with Network, the kubeconfig as a boot file, and
-// MESHCRYPT_BIN_DIR=/usr/local/bin. Agent tokens (cluster.AgentToken) work
+// TestE2EInVM runs tests/e2e this way. On the host it starts etcd and
+// kube-apiserver, applies manifests/crds, rbac and admission
+// (cluster.ApplyManifests, what cluster.Start applies to a control plane of
+// its own), and builds an image with Tests tests/vm/internal/guestagent and
+// tests/e2e, Programs cmd/meshcrypt-agent and cmd/meshcrypt, HostPrograms ip
+// (netenv runs agents with `ip netns exec`). It boots it with Network, the
+// admin kubeconfig for https://10.0.2.2:PORT as a boot file, and
+// $MESHCRYPT_KUBECONFIG and $MESHCRYPT_BIN_DIR naming them. In the guest,
+// tests/cluster sees $MESHCRYPT_KUBECONFIG and runs against that external
+// control plane: it starts none, applies nothing, takes the API server's
+// address for the node namespaces' forwarders from the kubeconfig's server,
+// writes the agents' kubeconfigs from its CA and server name, and at Start
+// deletes what the previous test's cluster left (meshcrypt.io objects, Nodes,
+// Pods, Events, the agent namespace's Secrets), since every test of the boot
+// shares the host's API server. Agent tokens (cluster.AgentToken) work
 // unchanged over that connection. One VM runs one cluster at a time: the
 // guest kernel is shared by every node namespace, as on the host.
+//
+// Which e2e tests run in the VM is the list e2eInVM at the top of
+// e2e_test.go: the binary runs only those ([Test.Run], built with [RunOnly])
+// and each is in [Test.MustRun], so none can skip there. In the VM the e2e
+// tests expect the kernel's WireGuard and legacy tc attach (MESHCRYPT_VM=1:
+// agents run --wireguard-backend kernel and must report backend kernel and
+// attach mode tc in their MeshNode status). Tests that stop or restart
+// kube-apiserver or etcd skip there with "needs its own control plane"
+// (cluster.NeedOwnControlPlane): the control plane is the host's, and the
+// host's e2e run covers them. guestagent runs first in the same boot: two
+// agents on kernel WireGuard and a ping through the tunnel, the quick check
+// that the guest reaches the host's API server at all. After the boot the
+// host reads the MeshNodes the VM's last cluster left in its etcd.
+//
+// Measured on the 2-core build machine under TCG, with other work on it: the
+// VM reaches its first test 5-7 s after qemu starts; in the guest
+// TestWireGuardEndToEnd takes 14-21 s, TestStrict 18-27 s, TestPolicy 33-46 s,
+// TestFaults 16-59 s (most of it 200 MeshNode writes while three agents and
+// qemu share the host's two cores); TestE2EInVM 1m45s-3 min in all, and
+// `go test ./tests/vm/` 2m45s-3m15s.
 //
 // This package is test infrastructure: it must not import any meshcrypt
 // package under pkg/ or cmd/ (its tests do), so the harness never depends on

@@ -126,6 +126,9 @@ func testCommand(b *builtTest) []string {
 		timeout = DefaultTestTimeout
 	}
 	cmd := []string{"/" + path.Join(guestTestDir, b.file), "-test.v=test2json", "-test.timeout=" + timeout.String(), "-test.count=1"}
+	if b.Run != "" {
+		cmd = append(cmd, "-test.run="+b.Run)
+	}
 	return append(cmd, b.Args...)
 }
 

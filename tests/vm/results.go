@@ -317,12 +317,41 @@ func decodeEvents(data []byte) ([]*TestResult, []string, error) {
 				continue
 			}
 			tr.Output = append(tr.Output, line)
+			// test2json reports no Elapsed for a test converted from
+			// -test.v=test2json output: take it from the result line.
+			if name, d, ok := parseResultLine(line); ok {
+				if r := byName[name]; r != nil && r.Elapsed == 0 {
+					r.Elapsed = d
+				}
+			}
 		case "pass", "fail", "skip":
 			tr.Action = e.Action
-			tr.Elapsed = time.Duration(e.Elapsed * float64(time.Second)).Round(time.Millisecond)
+			if e.Elapsed > 0 {
+				tr.Elapsed = time.Duration(e.Elapsed * float64(time.Second)).Round(time.Millisecond)
+			}
 		}
 	}
 	return top, pkgOut, nil
+}
+
+// parseResultLine reads a test's result line, "--- PASS: TestX/sub (1.25s)", into the
+// test's name and duration.
+func parseResultLine(s string) (name string, elapsed time.Duration, ok bool) {
+	s = strings.TrimSpace(strings.TrimLeft(s, "\x16"))
+	for _, p := range []string{"--- PASS: ", "--- FAIL: ", "--- SKIP: "} {
+		if rest, found := strings.CutPrefix(s, p); found {
+			i := strings.LastIndex(rest, " (")
+			if i < 0 || !strings.HasSuffix(rest, ")") {
+				return "", 0, false
+			}
+			d, err := time.ParseDuration(rest[i+2 : len(rest)-1])
+			if err != nil {
+				return "", 0, false
+			}
+			return rest[:i], d, true
+		}
+	}
+	return "", 0, false
 }
 
 // isFramingLine reports lines that only say a test started, paused or

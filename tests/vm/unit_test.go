@@ -3,6 +3,7 @@ package vm
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"io/fs"
@@ -10,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -161,7 +163,7 @@ func TestShellQuote(t *testing.T) {
 
 func TestRenderInit(t *testing.T) {
 	tests := []*builtTest{
-		{Test: Test{Args: []string{"-test.run=^TestA$|^TestB$", "-test.short"}}, Name: "pkg/a", file: "pkg_a.test"},
+		{Test: Test{Run: RunOnly("TestA", "TestB"), Args: []string{"-test.short"}}, Name: "pkg/a", file: "pkg_a.test"},
 		{Test: Test{Timeout: time.Minute}, Name: "pkg/b", file: "pkg_b.test"},
 	}
 	sh, err := renderInit([]string{"wireguard", "esp4"}, tests)
@@ -170,7 +172,7 @@ func TestRenderInit(t *testing.T) {
 	}
 	for _, want := range []string{
 		"for m in wireguard esp4; do",
-		"run pkg/a /src/pkg/a /tests/pkg_a.test -test.v=test2json -test.timeout=5m0s -test.count=1 '-test.run=^TestA$|^TestB$' -test.short\n",
+		"run pkg/a /src/pkg/a /tests/pkg_a.test -test.v=test2json -test.timeout=5m0s -test.count=1 '-test.run=^(TestA|TestB)$' -test.short\n",
 		"run pkg/b /src/pkg/b /tests/pkg_b.test -test.v=test2json -test.timeout=1m0s -test.count=1\n",
 		"MESHCRYPT_VM=1",
 		"exec 3>/dev/ttyS1",
@@ -184,6 +186,19 @@ func TestRenderInit(t *testing.T) {
 	os.WriteFile(p, sh, 0o755)
 	if out, err := exec.Command("sh", "-n", p).CombinedOutput(); err != nil {
 		t.Errorf("sh -n init: %v\n%s", err, out)
+	}
+}
+
+func TestRunOnly(t *testing.T) {
+	re := regexp.MustCompile(RunOnly("TestA", "TestB.x"))
+	for name, want := range map[string]bool{"TestA": true, "TestB.x": true, "TestAB": false, "TestBax": false, "XTestA": false} {
+		if got := re.MatchString(name); got != want {
+			t.Errorf("%s matches %s: %t, want %t", re, name, got, want)
+		}
+	}
+	_, err := compileTests(t.Context(), t.TempDir(), t.TempDir(), []Test{{Package: "pkg/x", Run: "^(TestA"}})
+	if err == nil || !strings.Contains(err.Error(), "Run pattern") {
+		t.Errorf("compileTests with a bad Run pattern: %v, want it refused", err)
 	}
 }
 
@@ -318,6 +333,11 @@ func TestDecodeEvents(t *testing.T) {
 	ev := func(action, test, output string) {
 		fmt.Fprintf(&js, `{"Action":%q,"Test":%q,"Output":%q,"Elapsed":0.5}`+"\n", action, test, output)
 	}
+	// As go tool test2json reports tests of -test.v=test2json output: no Elapsed.
+	plain := func(action, test, output string) {
+		b, _ := json.Marshal(struct{ Action, Test, Output string }{action, test, output})
+		js.Write(append(b, '\n'))
+	}
 	ev("run", "TestA", "")
 	ev("output", "TestA", "=== RUN   TestA\n")
 	ev("output", "TestA", "    a_test.go:1: hi\n")
@@ -327,6 +347,12 @@ func TestDecodeEvents(t *testing.T) {
 	ev("skip", "TestA/x/y", "")
 	ev("fail", "TestA", "")
 	ev("run", "TestB", "")
+	plain("run", "TestC", "")
+	plain("run", "TestC/sub", "")
+	plain("output", "TestC/sub", "\x16    --- PASS: TestC/sub (1.25s)\n")
+	plain("pass", "TestC/sub", "")
+	plain("output", "TestC", "\x16--- PASS: TestC (2m3.5s)\n")
+	plain("pass", "TestC", "")
 	ev("output", "", "FAIL\n")
 	top, pkg, err := decodeEvents([]byte(js.String()))
 	if err != nil {
@@ -339,6 +365,9 @@ func TestDecodeEvents(t *testing.T) {
 			}},
 		}},
 		{Name: "TestB"},
+		{Name: "TestC", Action: "pass", Elapsed: 123500 * time.Millisecond, Output: []string{"\x16--- PASS: TestC (2m3.5s)"}, Subtests: []*TestResult{
+			{Name: "TestC/sub", Action: "pass", Elapsed: 1250 * time.Millisecond, Output: []string{"\x16    --- PASS: TestC/sub (1.25s)"}},
+		}},
 	}
 	if diff := cmp.Diff(want, top); diff != "" {
 		t.Errorf("tests (-want +got):\n%s", diff)

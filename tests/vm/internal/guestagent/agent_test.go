@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
@@ -68,6 +69,13 @@ func TestAgentsKernelWireGuard(t *testing.T) {
 	}
 	// The host's API server, as this namespace (the VM's) reaches it.
 	apiTarget := strings.TrimPrefix(restCfg.Host, "https://")
+	mc := &v1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: v1alpha1.MeshConfigName}}
+	if _, err := controllerutil.CreateOrUpdate(ctx, c, mc, func() error {
+		mc.Spec.Encryption.Mode = v1alpha1.ModeWireGuard
+		return nil
+	}); err != nil {
+		t.Fatalf("MeshConfig: %v", err)
+	}
 
 	podMTU := wireguard.TunnelMTU(1500)
 	topo := netenv.NewT(t, netenv.Options{Prefix: "vm", PodMTU: podMTU})

@@ -1,0 +1,171 @@
+package vm_test
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"k8s.io/apimachinery/pkg/runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
+	"github.com/meshcrypt/meshcrypt/tests/cluster"
+	"github.com/meshcrypt/meshcrypt/tests/controlplane"
+	"github.com/meshcrypt/meshcrypt/tests/vm"
+)
+
+// e2eInVM are the tests/e2e tests that run in the VM, where agents use kernel WireGuard and
+// attach with legacy tc (and ESP is there for IPsec): the paths the build machines' kernel
+// lacks. Each must run and pass there, never skip (vm.Test.MustRun). To run another e2e test
+// in the VM, add its name here; tests that stop or restart the control plane cannot run there
+// (cluster.NeedOwnControlPlane skips them: the control plane is the host's).
+var e2eInVM = []string{
+	"TestWireGuardEndToEnd",
+	"TestStrict",
+	"TestPolicy",
+	"TestFaults",
+	"TestIPsecEndToEnd",        // needs ESP: skips on the host
+	"TestWireGuardKeyRotation", // kernel WireGuard's handshakes after a key change
+}
+
+// Time limits of TestE2EInVM. The e2e tests above take 1m45s to 2m30s in the VM under TCG
+// (see the package documentation); the limits leave room for a loaded machine and stop a
+// hung run well inside make test-vm's go test -timeout.
+const (
+	e2eTestTimeout = 8 * time.Minute  // the tests/e2e binary in the guest (-test.timeout)
+	e2eBootTimeout = 10 * time.Minute // the whole boot
+)
+
+// e2eGuestKubeconfig is where the guest finds the admin kubeconfig of the host's control
+// plane.
+const e2eGuestKubeconfig = "/etc/meshcrypt/kubeconfig"
+
+// TestE2EInVM runs the e2e suites of e2eInVM inside the VM against a control plane on the
+// host: etcd and kube-apiserver start here (loopback only) with manifests/crds, rbac and
+// admission applied (cluster.ApplyManifests, as cluster.Start does for a control plane of its
+// own); the guest gets an admin kubeconfig for https://10.0.2.2:PORT (qemu's user network maps
+// it to the host's loopback) in $MESHCRYPT_KUBECONFIG, and the meshcrypt binaries in
+// $MESHCRYPT_BIN_DIR. tests/cluster in the guest then starts no control plane: it runs
+// against the host's, each cluster clearing what the previous one left (see cluster.Start).
+//
+// The boot first runs tests/vm/internal/guestagent (two agents on kernel WireGuard and a
+// ping through the tunnel, in seconds), the quick check that the guest reaches the host's API
+// server; then tests/e2e. Every inner test is reported as a subtest. Afterwards the host reads
+// what the VM's last cluster left in its etcd: MeshNodes on the kernel backend.
+func TestE2EInVM(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a VM and a control plane")
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(t.Context(), e2eBootTimeout+5*time.Minute)
+	defer cancel()
+	log := slog.New(slog.NewTextHandler(t.Output(), nil))
+
+	// The image builds while the control plane starts.
+	var (
+		img    *vm.Image
+		imgErr error
+		wg     sync.WaitGroup
+	)
+	wg.Go(func() {
+		img, imgErr = vm.Build(ctx, vm.Options{
+			Tests: []vm.Test{
+				{Package: "tests/vm/internal/guestagent", MustRun: []string{"TestAgentsKernelWireGuard"}},
+				{Package: "tests/e2e", Run: vm.RunOnly(e2eInVM...), MustRun: e2eInVM, Timeout: e2eTestTimeout},
+			},
+			Programs:     []string{"cmd/meshcrypt-agent", "cmd/meshcrypt"},
+			HostPrograms: []string{"ip"}, // netenv runs agents with ip netns exec
+			Logger:       log,
+		})
+	})
+	cp := controlplane.StartT(t, controlplane.Options{})
+	applyErr := cluster.ApplyManifests(ctx, cp)
+	wg.Wait()
+	if imgErr != nil {
+		t.Fatal(imgErr)
+	}
+	defer img.Close()
+	if applyErr != nil {
+		t.Fatal(applyErr)
+	}
+
+	// The guest reaches the host's 127.0.0.1:PORT at 10.0.2.2:PORT; the kubeconfig then
+	// names localhost for TLS, which the certificate holds.
+	u, err := url.Parse(cp.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	kc, err := cp.Kubeconfig(fmt.Sprintf("https://%s:%s", vm.HostAddr, u.Port()), cp.AdminToken())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("image built and control plane ready after %s (image: %s, go test -c %s)", time.Since(start).Round(time.Millisecond),
+		img.BuildTime.Round(time.Millisecond), img.CompileTime.Round(time.Millisecond))
+	res, err := vm.Boot(ctx, img, vm.BootOptions{
+		Network: true,
+		// Four agents, the e2e binary and the CLI beside the initramfs, which stays in RAM.
+		Memory:  2048,
+		Timeout: e2eBootTimeout,
+		Files:   []vm.File{{Path: e2eGuestKubeconfig, Data: kc, Mode: 0o600}},
+		Env: map[string]string{
+			cluster.KubeconfigEnv: e2eGuestKubeconfig,
+			"MESHCRYPT_BIN_DIR":   vm.ProgramDir,
+			"MESHCRYPT_AGENT":     vm.ProgramDir + "/meshcrypt-agent", // for guestagent
+		},
+		Progress: t.Output(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Report(t)
+	logDurations(t, res, "tests/e2e")
+
+	// What the VM's last cluster left (Close leaves it; the next Start would clear it) is in
+	// the host's etcd: its agents published kernel WireGuard.
+	scheme := runtime.NewScheme()
+	if err := v1alpha1.AddToScheme(scheme); err != nil {
+		t.Fatal(err)
+	}
+	c, err := client.New(cp.RESTConfig(), client.Options{Scheme: scheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var list v1alpha1.MeshNodeList
+	if err := c.List(ctx, &list); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, mn := range list.Items {
+		got = append(got, fmt.Sprintf("%s: backend %q", mn.Name, mn.Status.Backend))
+		if mn.Status.Backend != v1alpha1.BackendKernel {
+			t.Errorf("MeshNode %s in the host's etcd reports backend %q, want kernel", mn.Name, mn.Status.Backend)
+		}
+	}
+	if len(list.Items) == 0 {
+		t.Error("the VM's agents left no MeshNode in the host's etcd")
+	}
+	t.Logf("MeshNodes the VM's last cluster left in the host's etcd: %s", strings.Join(got, "; "))
+	t.Logf("TestE2EInVM: %s in all; VM booted after %s, first test at %s, powered off after %s",
+		time.Since(start).Round(time.Millisecond), res.BootTime.Round(time.Millisecond),
+		res.FirstTest.Round(time.Millisecond), res.Duration.Round(time.Millisecond))
+}
+
+// logDurations logs how long each top-level test of pkg took in the guest, for the record
+// (the time budget of make test-vm).
+func logDurations(t *testing.T, res *vm.Result, pkg string) {
+	t.Helper()
+	pr, err := res.Package(t.Context(), pkg)
+	if err != nil || pr.Binary == nil {
+		return
+	}
+	var parts []string
+	for _, tr := range pr.Tests {
+		parts = append(parts, fmt.Sprintf("%s %s %s", tr.Name, tr.Action, tr.Elapsed))
+	}
+	t.Logf("%s in the VM (guest time): %s; the binary ran %s", pkg, strings.Join(parts, ", "), pr.Binary.Elapsed)
+}
