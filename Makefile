@@ -41,8 +41,8 @@ test: deps build lint ## every test tier in order (needs root: netns, WireGuard 
 test-unit: ## unit and privileged package tests (pure logic, netns, routes, userspace WireGuard)
 	$(GOTEST) -timeout 10m ./pkg/... ./internal/... ./cmd/...
 
-test-api: ## control plane tests against a real kube-apiserver + etcd: harness, CRD validation, RBAC and admission, manifests and Helm chart (server-side dry-run)
-	$(GOTEST) -timeout 10m ./tests/controlplane/ ./tests/api/ ./tests/manifests/
+test-api: ## control plane tests against a real kube-apiserver + etcd: harness, CRD validation, RBAC and admission, the CLI, manifests and Helm chart (server-side dry-run), every command in the docs
+	$(GOTEST) -timeout 10m ./tests/controlplane/ ./tests/api/ ./tests/manifests/ ./tests/docs/
 
 test-harness: ## the network-namespace harness itself
 	$(GOTEST) -timeout 10m ./tests/netenv/ ./tests/cluster/
@@ -50,7 +50,7 @@ test-harness: ## the network-namespace harness itself
 test-e2e: ## end-to-end: agents on netns nodes, traffic with a marker, underlay capture
 	$(GOTEST) -timeout 15m -v ./tests/e2e/ 2>&1 | grep -Ev '^\s+cluster.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
 
-test-vm: ## the kernel suite in a qemu VM (Debian cloud kernel 6.1: kernel WireGuard, ESP, legacy tc) and agents on kernel WireGuard
+test-vm: ## the kernel suite in a qemu VM (Debian cloud kernel 6.1: kernel WireGuard, ESP, legacy tc) and the e2e suites there (WireGuard, IPsec, policy, faults)
 	$(GOTEST) -timeout 20m -v ./tests/vm/ 2>&1 | grep -Ev '^\s+(cluster|harness)\.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
 
 demo: deps build ## run a 3-node cluster on this machine, turn WireGuard on, prove it, print meshcrypt status (KEEP=1 keeps it up)

@@ -21,6 +21,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
@@ -36,6 +37,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
+	"github.com/meshcrypt/meshcrypt/pkg/crypto/ipsec"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
 	"github.com/meshcrypt/meshcrypt/pkg/datapath"
 	"github.com/meshcrypt/meshcrypt/pkg/identity"
@@ -83,11 +85,17 @@ type Options struct {
 	// BPFPinDir is a directory on a bpffs where the classifier's maps and links are pinned
 	// (one subdirectory per node), so they outlive agent restarts; "" pins nothing.
 	BPFPinDir string
-	// LeaseNamespace holds the identity GC's lease; default "meshcrypt".
-	LeaseNamespace string
+	// Namespace is the agent's namespace: it holds the identity GC's lease and the IPsec
+	// keyring Secret; default "meshcrypt".
+	Namespace string
+	// FIPSPath is read for the kernel's FIPS flag; default /proc/sys/crypto/fips_enabled.
+	// In FIPS mode the agent refuses WireGuard and keyrings with unapproved algorithms.
+	FIPSPath string
 	// IdentityGCGrace is how long an identity stays unused before it is deleted (default
 	// 10 min); IdentityGCInterval how often the collector looks (default 1 min).
 	IdentityGCGrace, IdentityGCInterval time.Duration
+	// Flows configure the flow events served on /flows (flows.go).
+	Flows FlowOptions
 	// Logger receives the agent's logs; nil discards them.
 	Logger *slog.Logger
 }
@@ -129,7 +137,10 @@ type Agent struct {
 	mtu           int
 	nl            *netlink.Handle
 	dev           wireguard.Device
-	promptNext    bool // prompt handshakes on the next configuration with peers
+	promptNext    bool                 // prompt handshakes on the next configuration with peers
+	promptKeys    map[wgtypes.Key]bool // peers whose node rotated its key: prompt them too
+	keyCreated    time.Time            // when the private key was generated (rotate.go)
+	rotateAt      time.Time            // a reconcile is scheduled then for keyRotation.every
 	routes        *datapath.Routes
 	nameByKey     map[wgtypes.Key]string
 	lastSkips     string
@@ -147,6 +158,14 @@ type Agent struct {
 	attachMode    datapath.AttachMode
 	badPods       []string
 	policySkipped []string
+	flows         flowHub // flow events for /flows (flows.go)
+
+	// IPsec (ipsec.go) and refused modes.
+	ips         ipsecState
+	refused     *refusal
+	refusedMode v1alpha1.EncryptionMode
+	underlayMTU int
+	underlay6   bool
 }
 
 // New checks opts and returns an Agent. It does no I/O.
@@ -192,8 +211,8 @@ func New(opts Options) (*Agent, error) {
 	if opts.ClusterID == 0 {
 		opts.ClusterID = 1
 	}
-	if opts.LeaseNamespace == "" {
-		opts.LeaseNamespace = "meshcrypt"
+	if opts.Namespace == "" {
+		opts.Namespace = "meshcrypt"
 	}
 	log := opts.Logger
 	if log == nil {
@@ -231,7 +250,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("load WireGuard key: %w", err)
 	}
 	a.key = key
-	a.log.Info("WireGuard key loaded", "created", created, "fingerprint", wireguard.Fingerprint(key.PublicKey()))
+	if a.keyCreated, err = wireguard.KeyCreated(filepath.Join(a.opts.StateDir, KeyFileName)); err != nil {
+		return err
+	}
+	a.log.Info("WireGuard key loaded", "created", created, "fingerprint", wireguard.Fingerprint(key.PublicKey()), "age", time.Since(a.keyCreated).Round(time.Second))
 	if b, err := os.ReadFile(a.opts.BootIDPath); err == nil {
 		a.bootID = strings.TrimSpace(string(b))
 	} else {
@@ -272,6 +294,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	a.underlayMTU, a.underlay6 = underlayMTU, local.Underlay[0].Is6()
+	a.ips.x = ipsec.NewXFRM(h, ipsec.XFRMOptions{Logger: a.log})
 	a.mtu = wireguard.TunnelMTU(underlayMTU)
 	if a.mtu == 0 {
 		return fmt.Errorf("underlay %s has MTU %d: too small for a WireGuard tunnel", iface, underlayMTU)
@@ -303,6 +327,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.alloc = identity.NewAllocator(identitykube.NewStore(a.client), identity.AllocatorOptions{
 		Cluster: a.opts.ClusterID, Watched: true, Logger: a.log,
 	})
+	go a.runFlows(ctx, clf)
 
 	if err := a.startCache(ctx); err != nil {
 		return err
@@ -376,10 +401,10 @@ const promptKeepalive = 25 * time.Second
 // configured this node yet (everyone enabling at once) only gets the initiation dropped and
 // retried seconds later, where a data packet would have started it in time.
 func (a *Agent) applyPrompt(ctx context.Context, cfg wireguard.Config) (wireguard.PlanStats, error) {
-	if !a.promptNext || len(cfg.Peers) == 0 {
+	if (!a.promptNext && len(a.promptKeys) == 0) || len(cfg.Peers) == 0 {
 		st, err := a.dev.Apply(ctx, cfg)
 		if err == nil {
-			a.promptNext = false
+			a.promptNext, a.promptKeys = false, nil
 		}
 		return st, err
 	}
@@ -395,7 +420,8 @@ func (a *Agent) applyPrompt(ctx context.Context, cfg wireguard.Config) (wireguar
 	prompted.Peers = slices.Clone(cfg.Peers)
 	n := 0
 	for i := range prompted.Peers {
-		if !have[prompted.Peers[i].PublicKey] && prompted.Peers[i].PersistentKeepalive == 0 {
+		k := prompted.Peers[i].PublicKey
+		if !have[k] && (a.promptNext || a.promptKeys[k]) && prompted.Peers[i].PersistentKeepalive == 0 {
 			prompted.Peers[i].PersistentKeepalive = promptKeepalive
 			n++
 		}
@@ -404,7 +430,7 @@ func (a *Agent) applyPrompt(ctx context.Context, cfg wireguard.Config) (wireguar
 	if err != nil {
 		return st, err
 	}
-	a.promptNext = false
+	a.promptNext, a.promptKeys = false, nil
 	if n == 0 {
 		return st, nil
 	}
@@ -435,6 +461,13 @@ func (a *Agent) waitForNode(ctx context.Context) (*corev1.Node, error) {
 func (a *Agent) startCache(ctx context.Context) error {
 	c, err := cache.New(a.opts.RESTConfig, cache.Options{
 		Scheme: a.scheme,
+		ByObject: map[client.Object]cache.ByObject{
+			// The IPsec keyring only: RBAC lets the agent read this one Secret.
+			&corev1.Secret{}: {
+				Namespaces: map[string]cache.Config{a.opts.Namespace: {}},
+				Field:      fields.OneTermEqualSelector("metadata.name", ipsec.SecretName),
+			},
+		},
 	})
 	if err != nil {
 		return fmt.Errorf("create informer cache: %w", err)
@@ -453,7 +486,7 @@ func (a *Agent) startCache(ctx context.Context) error {
 		return fmt.Errorf("watch MeshIdentities: %w", err)
 	}
 	for _, obj := range []client.Object{&v1alpha1.MeshNode{}, &v1alpha1.MeshConfig{}, &corev1.Node{},
-		&corev1.Pod{}, &corev1.Namespace{}, &v1alpha1.MeshPolicy{}, &v1alpha1.MeshIdentity{}} {
+		&corev1.Pod{}, &corev1.Namespace{}, &v1alpha1.MeshPolicy{}, &v1alpha1.MeshIdentity{}, &corev1.Secret{}} {
 		inf, err := c.GetInformer(ctx, obj)
 		if err != nil {
 			return fmt.Errorf("informer for %T: %w", obj, err)
@@ -533,7 +566,7 @@ func (a *Agent) loop(ctx context.Context) error {
 	}
 }
 
-// reconcile drives the device and routes to the desired state and publishes this node's
+// reconcile drives the device, XFRM and routes to the desired state and publishes this node's
 // MeshNode spec.
 func (a *Agent) reconcile(ctx context.Context) error {
 	start := time.Now()
@@ -543,9 +576,6 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	}
 	local, err := localFromNode(&node, a.opts.UnderlayIPs)
 	if err != nil {
-		return err
-	}
-	if err := a.publishSpec(ctx, &node, local); err != nil {
 		return err
 	}
 
@@ -565,6 +595,12 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	if err := a.cache.List(ctx, &list); err != nil {
 		return fmt.Errorf("list MeshNodes: %w", err)
 	}
+	if err := a.rotateIfDue(mc.Spec.KeyRotation); err != nil {
+		return err
+	}
+	if err := a.publishSpec(ctx, &node, local, list.Items, mode == v1alpha1.ModeIPsec && a.refused == nil); err != nil {
+		return err
+	}
 	var k8sNodes corev1.NodeList
 	if err := a.cache.List(ctx, &k8sNodes); err != nil {
 		return fmt.Errorf("list nodes: %w", err)
@@ -578,6 +614,9 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		assigned[k8sNodes.Items[i].Name] = append([]netip.Prefix{}, ln.PodCIDRs...)
 	}
 	peers, skips := peersFromMeshNodes(a.opts.NodeName, local, list.Items, assigned)
+	if mode != v1alpha1.ModeWireGuard {
+		skips = nil // WireGuard's refusals do not concern the other modes
+	}
 	a.reportSkips(&list, skips)
 	a.skips = skips
 	nameByKey := make(map[wgtypes.Key]string, len(peers))
@@ -587,24 +626,32 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	a.mu.Lock()
 	a.nameByKey = nameByKey
 	a.mu.Unlock()
+	a.promptKeys = rotatedPeers(a.peers, peers, a.promptKeys)
 
 	cfg := wireguard.Config{PrivateKey: a.key, ListenPort: a.opts.WireGuard.ListenPort}
-	route := datapath.RouteConfig{Device: a.dev.Name(), Table: a.opts.RouteTable, RulePriority: a.opts.RulePriority}
+	route := a.routeConfig()
 	plan, err := a.planPolicy(ctx)
 	if err != nil {
 		return err
 	}
 	plan.assigned = assigned
-	strict := mode == v1alpha1.ModeWireGuard && mc.Spec.Encryption.Strict
-	if strict {
+	strict := mode != v1alpha1.ModeDisabled && mc.Spec.Encryption.Strict
+	var refused *refusal
+	if mode == v1alpha1.ModeWireGuard && a.fipsMode() {
+		refused = &refusal{Reason: "FIPSRefusesWireGuard", Message: "the node runs in FIPS mode and WireGuard's " +
+			"ChaCha20-Poly1305 and Curve25519 are not FIPS-approved: use mode IPsec, whose AES-GCM (rfc4106(gcm(aes))) is; " +
+			"pod traffic to remote nodes is dropped, never sent in clear"}
+	}
+	// A node still refusing this mode stays strict until the mode applies, or a packet could
+	// slip out in clear between two reconciles.
+	stillRefused := a.refused != nil && a.refusedMode == mode
+	if strict || refused != nil || stillRefused {
 		// Strict first: from here on a remote pod without a ready tunnel is unreachable.
 		if err := a.clf.SetStrict(true); err != nil {
 			return err
 		}
-		for node, cidrs := range assigned {
-			if node != a.opts.NodeName {
-				route.Blocked = append(route.Blocked, cidrs...)
-			}
+		if mode == v1alpha1.ModeWireGuard {
+			route.Blocked = blockedExcept(a.opts.NodeName, assigned, nil)
 		}
 	} else if err := a.clf.SetStrict(false); err != nil {
 		// Off before any tunnel stops being ready, or everything to remote pods would drop.
@@ -613,8 +660,9 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	a.appliedStrict = strict
 	var wst wireguard.PlanStats
 	var rst datapath.RouteStats
-	switch mode {
-	case v1alpha1.ModeWireGuard:
+	switch {
+	case refused != nil:
+	case mode == v1alpha1.ModeWireGuard:
 		// The classifier first stops calling a changing tunnel ready, so traffic that must
 		// be encrypted is dropped rather than sent while it changes; then peers before
 		// routes, so a route never points at a device without its peer; then the new
@@ -640,6 +688,24 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		if err := a.applyPolicy(ctx, plan, list.Items, readyNodes(peers)); err != nil {
 			return err
 		}
+		if err := a.teardownIPsec(ctx, local, list.Items, assigned); err != nil {
+			return err
+		}
+	case mode == v1alpha1.ModeIPsec:
+		grace := DefaultRotationGracePeriod
+		if c := mc.Spec.Encryption.IPsec; c != nil && c.RotationGracePeriod != nil && c.RotationGracePeriod.Duration >= 0 {
+			grace = c.RotationGracePeriod.Duration
+		}
+		err := a.reconcileIPsec(ctx, ipsecInput{local: local, nodes: list.Items, assigned: assigned, plan: plan, strict: strict, grace: grace})
+		if !errors.As(err, &refused) {
+			if err != nil {
+				return fmt.Errorf("apply IPsec: %w", err)
+			}
+			// Announce the SPIs now installed, so peers can switch to them.
+			if err := a.publishSpec(ctx, &node, local, list.Items, true); err != nil {
+				return err
+			}
+		}
 	default:
 		// No tunnel is ready any more before any goes: then routes before peers, so
 		// traffic leaves the tunnel for the underlay routes first.
@@ -655,9 +721,28 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		a.mu.Lock()
 		a.peers = nil
 		a.mu.Unlock()
+		if err := a.teardownIPsec(ctx, local, list.Items, assigned); err != nil {
+			return err
+		}
 	}
+	if refused != nil {
+		if err := a.reconcileRefused(ctx, plan, list.Items, local, assigned); err != nil {
+			return err
+		}
+		if a.refused == nil || a.refused.Message != refused.Message {
+			a.log.Warn("encryption mode refused", "mode", mode, "reason", refused.Reason, "err", refused.Message)
+			a.recorder.Eventf(a.meshNodeRef(), corev1.EventTypeWarning, refused.Reason, "node %s refuses mode %s: %s", a.opts.NodeName, mode, refused.Message)
+		}
+	}
+	if refused == nil && stillRefused {
+		a.kick() // the refusal is over: the next reconcile lifts the strict hold
+	}
+	a.refused, a.refusedMode = refused, mode
 	if a.applied != mode {
-		a.log.Info("encryption mode applied", "mode", mode, "peers", len(a.peers))
+		a.log.Info("encryption mode applied", "mode", mode, "peers", len(a.peers), "strict", strict)
+		if a.applied != "" {
+			a.recorder.Eventf(a.meshNodeRef(), corev1.EventTypeNormal, "ModeApplied", "node %s applied encryption mode %s (was %s)", a.opts.NodeName, mode, a.applied)
+		}
 		a.applied = mode
 	}
 	if wst != (wireguard.PlanStats{}) || rst != (datapath.RouteStats{}) {
@@ -666,12 +751,76 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	return nil
 }
 
+// reconcileRefused holds the node in the state of a refused mode: strict classifier with no
+// tunnel ready, a blackhole in front of every remote pod CIDR, no WireGuard peer and no
+// IPsec state. Nothing to remote pods leaves, encrypted or not.
+func (a *Agent) reconcileRefused(ctx context.Context, plan *policyPlan, nodes []v1alpha1.MeshNode, local localNode, assigned map[string][]netip.Prefix) error {
+	if err := a.clf.SetStrict(true); err != nil {
+		return err
+	}
+	if err := a.applyPolicy(ctx, plan, nodes, nil); err != nil {
+		return err
+	}
+	route := a.routeConfig()
+	route.Blocked = blockedExcept(a.opts.NodeName, assigned, nil)
+	if _, err := a.routes.Apply(ctx, route); err != nil {
+		return fmt.Errorf("block remote pod CIDRs: %w", err)
+	}
+	if err := a.removeWireGuardPeers(ctx); err != nil {
+		return err
+	}
+	return a.teardownIPsec(ctx, local, nil, assigned)
+}
+
+// removeWireGuardPeers removes every peer from the WireGuard device (after the routes through
+// it are gone).
+func (a *Agent) removeWireGuardPeers(ctx context.Context) error {
+	if _, err := a.applyDevice(ctx, wireguard.Config{PrivateKey: a.key, ListenPort: a.opts.WireGuard.ListenPort}); err != nil {
+		return fmt.Errorf("remove WireGuard peers: %w", err)
+	}
+	a.mu.Lock()
+	a.peers = nil
+	a.mu.Unlock()
+	return nil
+}
+
+// meshNodeRef is this node's MeshNode as the object of Events.
+func (a *Agent) meshNodeRef() *v1alpha1.MeshNode {
+	mn := &v1alpha1.MeshNode{ObjectMeta: metav1.ObjectMeta{Name: a.opts.NodeName}}
+	mn.SetGroupVersionKind(v1alpha1.GroupVersion.WithKind("MeshNode"))
+	return mn
+}
+
 // publishSpec creates or updates this node's MeshNode so it announces the current key,
 // addresses and pod CIDRs. The MeshNode is owned by the Node, so it goes when the Node goes.
-func (a *Agent) publishSpec(ctx context.Context, node *corev1.Node, local localNode) error {
+//
+// With ipsecOn it announces the node's IPsec node ID (picked here, moving off a collision)
+// and the keyring SPIs installed. After an agent restart under the same boot the kernel
+// still holds the states the previous process installed, so their SPIs stay announced.
+func (a *Agent) publishSpec(ctx context.Context, node *corev1.Node, local localNode, nodes []v1alpha1.MeshNode, ipsecOn bool) error {
 	want := meshNodeSpec(local, a.key.PublicKey(), a.opts.WireGuard.ListenPort, a.bootID)
+	if !a.keyCreated.IsZero() {
+		created := metav1.NewMicroTime(a.keyCreated.Truncate(time.Microsecond))
+		want.WireGuard.KeyCreated = &created
+	}
 	var mn v1alpha1.MeshNode
 	err := a.cache.Get(ctx, client.ObjectKey{Name: a.opts.NodeName}, &mn)
+	if err == nil && !a.ips.applied && mn.Spec.IPsec != nil && mn.Spec.BootID == a.bootID && a.bootID != "" {
+		a.ips.installed = reportedSPIs(&mn)
+	}
+	if ipsecOn || a.ips.active {
+		var current int32
+		if mn.Spec.IPsec != nil {
+			current = mn.Spec.IPsec.NodeID
+		}
+		id := ipsecNodeID(a.opts.NodeName, mn.CreationTimestamp.Time, current, nodes)
+		if a.ips.nodeID != 0 && id != a.ips.nodeID {
+			a.log.Warn("IPsec node ID collision: moving", "from", a.ips.nodeID, "to", id)
+			a.ips.installed, a.ips.applied = nil, false // states keyed to the old ID are useless
+		}
+		a.ips.nodeID = id
+	}
+	want.IPsec = a.ipsecSpec(ipsecOn)
 	if apierrors.IsNotFound(err) {
 		mn = v1alpha1.MeshNode{
 			ObjectMeta: metav1.ObjectMeta{
@@ -740,6 +889,8 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 	st.Strict = a.appliedStrict
 	st.Backend = v1alpha1.WireGuardBackend(a.dev.Backend())
 	st.TunnelMTU = int32(a.mtu)
+	st.MonitorAddress = a.monitorAddress(mn.Spec.UnderlayIPs)
+	st.IPsec = nil
 	if a.attachMode != datapath.AttachAuto {
 		st.AttachMode = a.attachMode.String()
 	}
@@ -761,7 +912,22 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 			}
 		}
 	}
-	setConditions(st, a.applied, a.lastErr, len(a.peers), int(st.PeersReady), a.skips, a.policySkipped, a.badPods)
+	peers := len(a.peers)
+	if a.applied == v1alpha1.ModeIPsec && a.refused == nil && a.ips.active {
+		ist, ps, err := a.ipsecStatus(ctx)
+		if err != nil {
+			return fmt.Errorf("read IPsec status: %w", err)
+		}
+		st.IPsec, st.Peers, st.PeersReady = ist, ps, int32(len(ps))
+		peers = len(a.ips.remotes) - len(a.ips.skipped)
+		if k, ok := a.ips.keyring.Key(a.ips.outbound); ok {
+			st.TunnelMTU = int32(ipsec.TunnelMTU(a.underlayMTU, k, a.underlay6))
+		}
+	}
+	setConditions(st, conditionInput{
+		mode: a.applied, refused: a.refused, lastErr: a.lastErr, peers: peers, ready: int(st.PeersReady),
+		skips: a.skips, ipsecSkipped: a.ips.skipped, badKeys: a.ips.badKeys, badPolicies: a.policySkipped, badPods: a.badPods,
+	})
 	if equality.Semantic.DeepEqual(&mn.Status, st) {
 		return nil
 	}
@@ -773,8 +939,21 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 	return nil
 }
 
+// conditionInput is what the MeshNode conditions are computed from.
+type conditionInput struct {
+	mode         v1alpha1.EncryptionMode
+	refused      *refusal
+	lastErr      error
+	peers, ready int
+	skips        []skip
+	ipsecSkipped []ipsec.Skipped
+	badKeys      string
+	badPolicies  []string
+	badPods      []string
+}
+
 // setConditions sets Ready, Encrypted and Degraded on st.
-func setConditions(st *v1alpha1.MeshNodeStatus, mode v1alpha1.EncryptionMode, lastErr error, peers, ready int, skips []skip, badPolicies, badPods []string) {
+func setConditions(st *v1alpha1.MeshNodeStatus, in conditionInput) {
 	cond := func(t string, ok bool, reason, msg string) {
 		s := metav1.ConditionFalse
 		if ok {
@@ -782,36 +961,46 @@ func setConditions(st *v1alpha1.MeshNodeStatus, mode v1alpha1.EncryptionMode, la
 		}
 		meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: t, Status: s, Reason: reason, Message: msg})
 	}
-	if lastErr != nil {
-		cond(v1alpha1.ConditionReady, false, "ReconcileFailed", lastErr.Error())
-	} else {
-		cond(v1alpha1.ConditionReady, true, "Reconciled", fmt.Sprintf("mode %s applied", mode))
+	switch {
+	case in.lastErr != nil:
+		cond(v1alpha1.ConditionReady, false, "ReconcileFailed", in.lastErr.Error())
+	case in.refused != nil:
+		cond(v1alpha1.ConditionReady, false, in.refused.Reason, fmt.Sprintf("mode %s refused: %s", in.mode, in.refused.Message))
+	default:
+		cond(v1alpha1.ConditionReady, true, "Reconciled", fmt.Sprintf("mode %s applied", in.mode))
 	}
 	switch {
-	case mode != v1alpha1.ModeWireGuard:
-		cond(v1alpha1.ConditionEncrypted, false, "EncryptionDisabled", "encryption mode is "+string(mode))
-	case lastErr != nil:
-		cond(v1alpha1.ConditionEncrypted, false, "ReconcileFailed", lastErr.Error())
-	case ready < peers:
-		cond(v1alpha1.ConditionEncrypted, false, "PeersPending", fmt.Sprintf("%d of %d peers configured", ready, peers))
+	case in.mode == v1alpha1.ModeDisabled || in.mode == "":
+		cond(v1alpha1.ConditionEncrypted, false, "EncryptionDisabled", "encryption mode is "+string(v1alpha1.ModeDisabled))
+	case in.refused != nil:
+		cond(v1alpha1.ConditionEncrypted, false, in.refused.Reason, in.refused.Message)
+	case in.lastErr != nil:
+		cond(v1alpha1.ConditionEncrypted, false, "ReconcileFailed", in.lastErr.Error())
+	case in.ready < in.peers:
+		cond(v1alpha1.ConditionEncrypted, false, "PeersPending", fmt.Sprintf("%d of %d peers configured", in.ready, in.peers))
 	default:
-		cond(v1alpha1.ConditionEncrypted, true, "AllPeersConfigured", fmt.Sprintf("%d peers configured", peers))
+		cond(v1alpha1.ConditionEncrypted, true, "AllPeersConfigured", fmt.Sprintf("%d peers configured", in.peers))
 	}
 	var refused []string
-	for _, s := range skips {
+	for _, s := range in.skips {
 		if !s.Pending {
 			refused = append(refused, s.Node+": "+s.Reason)
 		}
 	}
+	for _, s := range in.ipsecSkipped {
+		refused = append(refused, s.Node+": "+s.Reason)
+	}
 	switch {
 	case len(refused) > 0:
 		cond(v1alpha1.ConditionDegraded, true, "PeersRefused", strings.Join(refused, "; "))
-	case len(badPolicies) > 0:
-		cond(v1alpha1.ConditionDegraded, true, "PoliciesSkipped", strings.Join(badPolicies, "; "))
-	case len(badPods) > 0:
-		cond(v1alpha1.ConditionDegraded, true, "PodsWithoutIdentity", strings.Join(badPods, "; "))
+	case in.badKeys != "":
+		cond(v1alpha1.ConditionDegraded, true, "KeyringRefused", in.badKeys+"; the last valid keyring stays in use")
+	case len(in.badPolicies) > 0:
+		cond(v1alpha1.ConditionDegraded, true, "PoliciesSkipped", strings.Join(in.badPolicies, "; "))
+	case len(in.badPods) > 0:
+		cond(v1alpha1.ConditionDegraded, true, "PodsWithoutIdentity", strings.Join(in.badPods, "; "))
 	default:
-		cond(v1alpha1.ConditionDegraded, false, "AsExpected", "no peer, policy or pod refused")
+		cond(v1alpha1.ConditionDegraded, false, "AsExpected", "no peer, key, policy or pod refused")
 	}
 }
 

@@ -262,11 +262,11 @@ func (a *Agent) inUse(ctx context.Context) (map[identity.Identity]bool, error) {
 	return out, nil
 }
 
-// runIdentityGC collects unused identities while this agent holds the GC lease: one collector
-// per cluster, whichever agent wins the lease.
+// runIdentityGC collects unused identities, and keeps MeshConfig status current, while this
+// agent holds the GC lease: one collector per cluster, whichever agent wins the lease.
 func (a *Agent) runIdentityGC(ctx context.Context, cs kubernetes.Interface) {
 	lock := &resourcelock.LeaseLock{
-		LeaseMeta:  metaFor("meshcrypt-identity-gc", a.opts.LeaseNamespace),
+		LeaseMeta:  metaFor("meshcrypt-identity-gc", a.opts.Namespace),
 		Client:     cs.CoordinationV1(),
 		LockConfig: resourcelock.ResourceLockConfig{Identity: a.opts.NodeName},
 	}
@@ -284,7 +284,8 @@ func (a *Agent) runIdentityGC(ctx context.Context, cs kubernetes.Interface) {
 			Name:            "meshcrypt-identity-gc",
 			Callbacks: leaderelection.LeaderCallbacks{
 				OnStartedLeading: func(ctx context.Context) {
-					a.log.Info("collecting unused identities (lease held)")
+					a.log.Info("collecting unused identities and summarising MeshConfig status (lease held)")
+					go a.runConfigStatus(ctx)
 					if err := gc.Run(ctx); err != nil && ctx.Err() == nil {
 						a.log.Warn("identity GC stopped", "err", err)
 					}

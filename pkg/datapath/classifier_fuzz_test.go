@@ -6,8 +6,9 @@ import (
 	"testing"
 )
 
-// FuzzClassifier feeds arbitrary frames to both programs: the kernel must always run them
-// (no error), the verdict is always pass or drop, and the counted reason is the model's.
+// FuzzClassifier feeds arbitrary frames to both programs, with flow events on: the kernel
+// must always run them (no error), the verdict is always pass or drop, the counted reason is
+// the model's, and an IP packet's event carries that reason.
 // Seeded from the unit table; `go test -fuzz FuzzClassifier ./pkg/datapath` explores further.
 func FuzzClassifier(f *testing.F) {
 	c := newTestClassifier(f, ClassifierOptions{})
@@ -48,6 +49,10 @@ func FuzzClassifier(f *testing.F) {
 	if _, err := c.ApplyPolicy(ctx, m.policy, m.enforce); err != nil {
 		f.Fatal(err)
 	}
+	if err := c.SetFlowEvents(allEvents); err != nil {
+		f.Fatal(err)
+	}
+	r := newFlowReader(f, c)
 	for _, tt := range verdictCases() {
 		f.Add(tt.bytes(), !tt.toPod)
 	}
@@ -76,6 +81,15 @@ func FuzzClassifier(f *testing.F) {
 		}
 		if wantVerdict := map[bool]uint32{false: verdictPass, true: verdictDrop}[got.Dropped()]; verdict != wantVerdict {
 			t.Errorf("verdict %d for reason %s", verdict, got)
+		}
+		if got == ReasonPassNonIP {
+			if !ringEmpty(r) {
+				t.Errorf("an event for a non-IP frame")
+			}
+			return
+		}
+		if ev := readFlow(t, r); ev.Reason != got || ev.Length != uint32(len(frame)) || !ringEmpty(r) {
+			t.Errorf("event %+v for a %d-byte frame counted as %s", ev, len(frame), got)
 		}
 	})
 }

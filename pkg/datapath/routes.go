@@ -116,12 +116,17 @@ func (r *Routes) Apply(ctx context.Context, cfg RouteConfig) (RouteStats, error)
 					continue
 				}
 				cur, ok := have[routeKey{p, blackhole}]
-				if ok && (blackhole || cur.LinkIndex == link.Attrs().Index) {
-					continue
-				}
-				rt := r.route(p, cfg.Table, link.Attrs().Index)
+				var rt *netlink.Route
 				if blackhole {
+					if ok {
+						continue
+					}
 					rt = r.blackhole(p, cfg.Table)
+				} else {
+					if ok && cur.LinkIndex == link.Attrs().Index {
+						continue
+					}
+					rt = r.route(p, cfg.Table, link.Attrs().Index)
 				}
 				if err := r.h.RouteReplace(rt); err != nil {
 					return st, fmt.Errorf("route %s (blackhole %v) in table %d: %w", p, blackhole, cfg.Table, err)

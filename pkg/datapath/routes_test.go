@@ -2,6 +2,7 @@ package datapath
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"slices"
 	"testing"
@@ -101,6 +102,31 @@ func TestApplyMissingDevice(t *testing.T) {
 	_, err := NewRoutes(h).Apply(context.Background(), RouteConfig{Device: "nope0", Prefixes: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}})
 	if err == nil {
 		t.Fatal("Apply with a missing device succeeded")
+	}
+}
+
+// TestBlockedWithoutDevice: blackholes alone (strict mode before any tunnel is ready, or a
+// refused mode) need no device, and are added once.
+func TestBlockedWithoutDevice(t *testing.T) {
+	_, h := testutil.NewNetNS(t)
+	r := NewRoutes(h)
+	cfg := RouteConfig{Device: "nope0", Blocked: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16"), netip.MustParsePrefix("fd01::/64")}}
+	st, err := r.Apply(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Added != 2 {
+		t.Errorf("first Apply added %d routes, want 2", st.Added)
+	}
+	if st, err = r.Apply(context.Background(), cfg); err != nil || st != (RouteStats{}) {
+		t.Errorf("second Apply: %+v, %v; want nothing changed", st, err)
+	}
+	got, err := r.Fallbacks(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(got) != "[10.1.0.0/16 fd01::/64]" {
+		t.Errorf("blackholes %v", got)
 	}
 }
 

@@ -117,13 +117,20 @@ func TestAgentWritesOnlyItsOwnMeshNode(t *testing.T) {
 		{"update", "", "nodes", "", "", false},
 		{"get", "", "secrets", "", "meshcrypt", false},
 		{"list", "", "secrets", "", "", false},
+		{"get", "", "secrets/meshcrypt-ipsec-keys", "", "meshcrypt", true},
+		{"watch", "", "secrets/meshcrypt-ipsec-keys", "", "meshcrypt", true},
+		{"get", "", "secrets/meshcrypt-ipsec-keys", "", "default", false},
+		{"update", "", "secrets/meshcrypt-ipsec-keys", "", "meshcrypt", false},
+		{"get", "", "secrets/other", "", "meshcrypt", false},
+		{"patch", "meshcrypt.io", "meshconfigs", "status", "", true},
 		{"create", "meshcrypt.io", "meshpolicies", "", "default", false},
 	} {
+		resource, name, _ := strings.Cut(tt.resource, "/") // "secrets/NAME": one object
 		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
 			User:   "system:serviceaccount:meshcrypt:meshcrypt-agent",
 			Groups: []string{"system:serviceaccounts", "system:serviceaccounts:meshcrypt", "system:authenticated"},
 			ResourceAttributes: &authorizationv1.ResourceAttributes{
-				Verb: tt.verb, Group: tt.group, Resource: tt.resource, Subresource: tt.sub, Namespace: tt.ns,
+				Verb: tt.verb, Group: tt.group, Resource: resource, Name: name, Subresource: tt.sub, Namespace: tt.ns,
 			},
 		}}
 		res, err := admin.AuthorizationV1().SubjectAccessReviews().Create(ctx, sar, metav1.CreateOptions{})

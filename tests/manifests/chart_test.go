@@ -65,7 +65,7 @@ func TestChartAllValues(t *testing.T) {
 	defaults := readValues(t, chartDir+"/values.yaml")
 	// The FUTURE placeholders have one allowed value, their default; TestChartInvalidValues
 	// covers every other.
-	placeholders := []string{"encryption.strict", "encryption.nodeEncryption", "encryption.keyRotationInterval"}
+	placeholders := []string{"encryption.nodeEncryption", "encryption.keyRotationInterval"}
 	for _, leaf := range schemaLeaves(t) {
 		if slices.Contains(placeholders, leaf) {
 			continue
@@ -136,6 +136,19 @@ func TestChartAllValues(t *testing.T) {
 	}
 }
 
+// TestChartMeshConfigValues checks that the encryption values reach the MeshConfig.
+func TestChartMeshConfigValues(t *testing.T) {
+	var vals map[string]any
+	if err := yaml.Unmarshal([]byte("encryption: {mode: IPsec, strict: true, ipsecRotationGracePeriod: 30s}"), &vals); err != nil {
+		t.Fatal(err)
+	}
+	mc := find(t, parseObjects(t, "render", []byte(mustRender(t, renderOptions{values: vals}))), "MeshConfig")
+	got, _ := json.Marshal(nested[any](t, mc, "spec", "encryption"))
+	if want := `{"ipsec":{"rotationGracePeriod":"30s"},"mode":"IPsec","strict":true}`; string(got) != want {
+		t.Errorf("MeshConfig spec.encryption = %s, want %s", got, want)
+	}
+}
+
 // TestChartInvalidValues: values the agent would refuse, or features not built yet, fail
 // the render (so helm install and helm upgrade) with a message naming the value.
 func TestChartInvalidValues(t *testing.T) {
@@ -151,7 +164,7 @@ func TestChartInvalidValues(t *testing.T) {
 		{name: "clusterID fraction", values: "clusterID: 1.5", wantErr: []string{"/clusterID", "integer"}},
 		{name: "unknown mode", values: "encryption: {mode: Bogus}", wantErr: []string{"/encryption/mode", "Disabled", "WireGuard"}},
 		{name: "mode in lower case", values: "encryption: {mode: wireguard}", wantErr: []string{"/encryption/mode"}},
-		{name: "IPsec not in this version", values: "encryption: {mode: IPsec}", wantErr: []string{"/encryption/mode"}},
+		{name: "grace period not a duration", values: "encryption: {mode: IPsec, ipsecRotationGracePeriod: soon}", wantErr: []string{"/encryption/ipsecRotationGracePeriod"}},
 		{name: "unknown backend", values: "wireguard: {backend: boringtun}", wantErr: []string{"/wireguard/backend", "auto", "kernel", "userspace"}},
 		{name: "unknown attach mode", values: "attachMode: xdp", wantErr: []string{"/attachMode", "tcx"}},
 		{name: "port out of range", values: "wireguard: {port: 70000}", wantErr: []string{"/wireguard/port", "maximum"}},
@@ -160,7 +173,7 @@ func TestChartInvalidValues(t *testing.T) {
 		{name: "misspelt key", values: "encrpytion: {mode: WireGuard}", wantErr: []string{"encrpytion"}},
 		{name: "misspelt nested key", values: "metrics: {prot: 9000}", wantErr: []string{"prot"}},
 		{name: "extra arg without dashes", values: "extraArgs: [status-period=5s]", wantErr: []string{"/extraArgs/0"}},
-		{name: "strict", values: "encryption: {strict: true}", wantErr: []string{"encryption.strict is not implemented yet"}},
+		{name: "strict without a mode", values: "encryption: {strict: true}", wantErr: []string{"encryption.strict needs an encryption mode"}},
 		{name: "nodeEncryption", values: "encryption: {nodeEncryption: true}", wantErr: []string{"encryption.nodeEncryption is not implemented yet"}},
 		{name: "keyRotationInterval", values: "encryption: {keyRotationInterval: 720h}", wantErr: []string{"encryption.keyRotationInterval is not implemented yet"}},
 		{name: "other namespace", values: "{}", namespace: "kube-system", wantErr: []string{"namespace meshcrypt", `not "kube-system"`}},

@@ -6,7 +6,7 @@ import metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 const MeshConfigName = "default"
 
 // EncryptionMode selects how pod traffic between nodes is protected.
-// +kubebuilder:validation:Enum=Disabled;WireGuard
+// +kubebuilder:validation:Enum=Disabled;WireGuard;IPsec
 type EncryptionMode string
 
 // The encryption modes.
@@ -15,6 +15,20 @@ const (
 	ModeDisabled EncryptionMode = "Disabled"
 	// ModeWireGuard routes pod traffic between nodes through WireGuard.
 	ModeWireGuard EncryptionMode = "WireGuard"
+	// ModeIPsec encrypts pod traffic between nodes with tunnel-mode ESP (XFRM), keyed from
+	// the keyring Secret meshcrypt-ipsec-keys.
+	ModeIPsec EncryptionMode = "IPsec"
+)
+
+// Condition types of MeshConfig status, written by the agent holding the cluster's lease
+// from every MeshNode's status.
+const (
+	// ConfigApplied is true when every node has applied the configured mode; false names the
+	// nodes that have not and why (a node refusing the mode: no ESP in its kernel, FIPS).
+	ConfigApplied = "Applied"
+	// ConfigEncrypted is true when encryption is on and every node reports all its peers
+	// encrypted.
+	ConfigEncrypted = "Encrypted"
 )
 
 // MeshConfig is the cluster-wide meshcrypt configuration. There is exactly one, named
@@ -23,7 +37,9 @@ const (
 // +kubebuilder:object:root=true
 // +kubebuilder:resource:scope=Cluster,shortName=mcfg
 // +kubebuilder:validation:XValidation:rule="self.metadata.name == 'default'",message="there is one MeshConfig and it is named default"
+// +kubebuilder:subresource:status
 // +kubebuilder:printcolumn:name="Mode",type=string,JSONPath=`.spec.encryption.mode`
+// +kubebuilder:printcolumn:name="Applied",type=string,JSONPath=`.status.conditions[?(@.type=="Applied")].status`
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 type MeshConfig struct {
 	metav1.TypeMeta   `json:",inline"`
@@ -32,6 +48,27 @@ type MeshConfig struct {
 	// Spec is the desired configuration.
 	// +optional
 	Spec MeshConfigSpec `json:"spec,omitempty"`
+	// Status summarises what the nodes applied.
+	// +optional
+	Status MeshConfigStatus `json:"status,omitempty"`
+}
+
+// MeshConfigStatus summarises the nodes' MeshNode status for the configured mode.
+type MeshConfigStatus struct {
+	// Conditions are Applied and Encrypted.
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+	// Nodes counts the MeshNodes.
+	// +optional
+	Nodes int32 `json:"nodes,omitempty"`
+	// NodesApplied counts the MeshNodes that applied the configured mode.
+	// +optional
+	NodesApplied int32 `json:"nodesApplied,omitempty"`
+	// ObservedGeneration is the MeshConfig generation the conditions describe.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
 }
 
 // MeshConfigSpec is the desired cluster-wide configuration.
@@ -39,6 +76,45 @@ type MeshConfigSpec struct {
 	// Encryption selects how pod traffic between nodes is protected.
 	// +optional
 	Encryption EncryptionSpec `json:"encryption,omitempty"`
+	// KeyRotation schedules and requests key rotations.
+	// +optional
+	KeyRotation *KeyRotationSpec `json:"keyRotation,omitempty"`
+}
+
+// AllNodes names every node in a rotation request.
+const AllNodes = "*"
+
+// KeyRotationSpec schedules key rotations (Every) and records the ones operators request
+// (`meshcrypt keys rotate`).
+type KeyRotationSpec struct {
+	// Every rotates keys automatically: each agent replaces its WireGuard key once it is this
+	// old, and the agent holding the cluster's lease adds a new IPsec key to the keyring once
+	// the current one is this old. Unset: no automatic rotation.
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:Format=duration
+	// +optional
+	Every *metav1.Duration `json:"every,omitempty"`
+	// Requests are rotations an operator asked for: the WireGuard key of every node the
+	// request names is replaced if it was created before the request.
+	// +listType=map
+	// +listMapKey=node
+	// +kubebuilder:validation:MaxItems=64
+	// +optional
+	Requests []RotationRequest `json:"requests,omitempty"`
+}
+
+// RotationRequest asks for one node's (or every node's) WireGuard key to be replaced.
+type RotationRequest struct {
+	// Node is the node whose key is rotated, or "*" for every node.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	Node string `json:"node"`
+	// RequestedAt is when the rotation was asked for: keys created before are replaced.
+	RequestedAt metav1.MicroTime `json:"requestedAt"`
+	// RequestedBy is who asked (the CLI records the caller's user name), for the audit trail.
+	// +kubebuilder:validation:MaxLength=253
+	// +optional
+	RequestedBy string `json:"requestedBy,omitempty"`
 }
 
 // EncryptionSpec selects the encryption mode.
@@ -52,6 +128,20 @@ type EncryptionSpec struct {
 	// ready (a node joining, a refused or restarting peer), counted as drop_not_encrypted.
 	// +optional
 	Strict bool `json:"strict,omitempty"`
+	// IPsec configures mode IPsec.
+	// +optional
+	IPsec *IPsecConfig `json:"ipsec,omitempty"`
+}
+
+// IPsecConfig configures mode IPsec. The keys themselves are in the Secret
+// meshcrypt-ipsec-keys in the agents' namespace, never in MeshConfig.
+type IPsecConfig struct {
+	// RotationGracePeriod is how long a node keeps the states of a previous keyring SPI
+	// after every node switched its outbound traffic to the new one (default 1m).
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:Format=duration
+	// +optional
+	RotationGracePeriod *metav1.Duration `json:"rotationGracePeriod,omitempty"`
 }
 
 // MeshConfigList is a list of MeshConfig.

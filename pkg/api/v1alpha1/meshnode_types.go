@@ -73,6 +73,9 @@ type MeshNodeSpec struct {
 	// WireGuard is the node's WireGuard endpoint.
 	// +optional
 	WireGuard *WireGuardSpec `json:"wireguard,omitempty"`
+	// IPsec is the node's IPsec identity and the keys it can receive with.
+	// +optional
+	IPsec *IPsecSpec `json:"ipsec,omitempty"`
 	// BootID identifies the node's current boot; it changes when the node reboots.
 	// +kubebuilder:validation:MaxLength=64
 	// +optional
@@ -88,6 +91,25 @@ type WireGuardSpec struct {
 	// +kubebuilder:validation:Minimum=1
 	// +kubebuilder:validation:Maximum=65535
 	ListenPort int32 `json:"listenPort"`
+	// KeyCreated is when the node's key was generated: its age for rotation.
+	// +optional
+	KeyCreated *metav1.MicroTime `json:"keyCreated,omitempty"`
+}
+
+// IPsecSpec is what a node announces for mode IPsec.
+type IPsecSpec struct {
+	// NodeID is the node's IPsec node ID, unique in the cluster: part of every SPI and of
+	// the per-pair key derivation. The agent picks it and moves off a collision.
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=65535
+	NodeID int32 `json:"nodeID"`
+	// SPIs are the keyring SPIs the node has installed inbound states for, towards every
+	// peer it knows. Peers switch their outbound traffic to a new SPI only when every node
+	// lists it.
+	// +kubebuilder:validation:MaxItems=15
+	// +listType=set
+	// +optional
+	SPIs []int32 `json:"spis,omitempty"`
 }
 
 // MeshNodeStatus is what a node's agent observed and applied.
@@ -115,6 +137,12 @@ type MeshNodeStatus struct {
 	// tunnel overhead. Pod interfaces should not exceed it.
 	// +optional
 	TunnelMTU int32 `json:"tunnelMTU,omitempty"`
+	// MonitorAddress is where the agent serves its flow events (GET /flows, as JSON lines;
+	// `meshcrypt monitor` reads them): host:port on the node's network. Unset when the agent
+	// serves no flow events.
+	// +kubebuilder:validation:MaxLength=64
+	// +optional
+	MonitorAddress string `json:"monitorAddress,omitempty"`
 	// PeersReady counts the peers configured with their current key, endpoint and pod CIDRs.
 	// +optional
 	PeersReady int32 `json:"peersReady,omitempty"`
@@ -123,14 +151,45 @@ type MeshNodeStatus struct {
 	// +listMapKey=node
 	// +optional
 	Peers []PeerStatus `json:"peers,omitempty"`
+	// IPsec is the state of the node's ESP states in mode IPsec.
+	// +optional
+	IPsec *IPsecStatus `json:"ipsec,omitempty"`
 }
 
-// PeerStatus is the state of one WireGuard peer as the node's device reports it.
+// IPsecStatus is the state of a node's IPsec data path.
+type IPsecStatus struct {
+	// OutboundSPI is the keyring SPI the node encrypts with.
+	// +optional
+	OutboundSPI int32 `json:"outboundSPI,omitempty"`
+	// Algorithm is the outbound key's algorithm, e.g. rfc4106(gcm(aes)).
+	// +optional
+	Algorithm string `json:"algorithm,omitempty"`
+	// States counts the ESP states (keys) installed, inbound and outbound.
+	// +optional
+	States int32 `json:"states,omitempty"`
+	// HighestSequence is the highest ESP sequence number any outbound state has used.
+	// +optional
+	HighestSequence int64 `json:"highestSequence,omitempty"`
+	// SequenceLimit is the sequence number where a state stops sending: rotate keys well
+	// before HighestSequence reaches it.
+	// +optional
+	SequenceLimit int64 `json:"sequenceLimit,omitempty"`
+	// XFRMErrors are the non-zero XFRM error counters of the node (/proc/net/xfrm_stat).
+	// +optional
+	XFRMErrors map[string]int64 `json:"xfrmErrors,omitempty"`
+}
+
+// PeerStatus is the state of one peer: a WireGuard peer as the node's device reports it, or
+// in mode IPsec a node this node encrypts to.
 type PeerStatus struct {
 	// Node is the peer's node name.
 	Node string `json:"node"`
-	// PublicKey is the public key the peer is configured with.
-	PublicKey string `json:"publicKey"`
+	// PublicKey is the WireGuard public key the peer is configured with.
+	// +optional
+	PublicKey string `json:"publicKey,omitempty"`
+	// OutboundSPI is, in mode IPsec, the keyring SPI of the outbound state towards the peer.
+	// +optional
+	OutboundSPI int32 `json:"outboundSPI,omitempty"`
 	// Endpoint is the peer's underlay address and port.
 	// +optional
 	Endpoint string `json:"endpoint,omitempty"`

@@ -484,6 +484,27 @@ func TestStatus(t *testing.T) {
 	}
 }
 
+func TestOutboundTunnels(t *testing.T) {
+	ctx := context.Background()
+	k := ipsectest.NewKernel()
+	x := ipsec.NewXFRM(k, ipsec.XFRMOptions{})
+	b, c := fakeB, fakeB
+	c.Name, c.ID, c.Underlay = "c", 3, netip.MustParseAddr("10.0.0.3")
+	c.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.3.0/24")}
+	c.InboundOnly = true
+	if _, err := x.Apply(ctx, plan(t, fakeA, []ipsec.Node{b, c}, keyring(t, 3), ipsec.PlanOptions{})); err != nil {
+		t.Fatal(err)
+	}
+	got, err := x.OutboundTunnels(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[netip.Addr]bool{b.Underlay: true} // c is inbound only: no out policy
+	if diff := cmp.Diff(want, got, cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); diff != "" {
+		t.Errorf("OutboundTunnels (-want +got):\n%s", diff)
+	}
+}
+
 // TestApplyRandomTransitions drives a node through random cluster changes
 // (nodes joining, leaving, rebooting and moving, pod CIDRs changing, keys
 // rotating) and checks, after every single kernel operation, that:

@@ -44,6 +44,12 @@ type Node struct {
 	// PodCIDRs are the node's pod ranges, IPv4 and/or IPv6. They are
 	// trusted: take them from the Kubernetes Node's spec.podCIDRs.
 	PodCIDRs []netip.Prefix
+	// InboundOnly, on a remote node, plans its states and its in and fwd
+	// policies but no out policy: local pods' traffic to it is not
+	// encrypted (and must be held back by the caller) until the remote
+	// reports the inbound states for the outbound SPI, or while encryption
+	// is being turned off and the remote may still send ESP.
+	InboundOnly bool
 }
 
 // Dir is the direction of an XFRM state or policy, seen from the local
@@ -355,10 +361,12 @@ func Plan(local Node, remotes []Node, keyring Keyring, opts PlanOptions) (Desire
 				}
 				v6 := l.Addr().Is6()
 				families[v6] = true
-				outSPI := SA{Src: local, Dst: r.Node, IPv6: v6}.SPI(opts.OutboundSPI)
+				if !r.InboundOnly {
+					outSPI := SA{Src: local, Dst: r.Node, IPv6: v6}.SPI(opts.OutboundSPI)
+					d.Policies = append(d.Policies, Policy{Node: r.Name, Dir: DirOut, Src: l, Dst: p,
+						TmplSrc: local.Underlay, TmplDst: r.Underlay, SPI: outSPI, ReqID: opts.ReqID, Priority: opts.Priority})
+				}
 				d.Policies = append(d.Policies,
-					Policy{Node: r.Name, Dir: DirOut, Src: l, Dst: p, TmplSrc: local.Underlay, TmplDst: r.Underlay,
-						SPI: outSPI, ReqID: opts.ReqID, Priority: opts.Priority},
 					Policy{Node: r.Name, Dir: DirIn, Src: p, Dst: l, TmplSrc: r.Underlay, TmplDst: local.Underlay,
 						ReqID: opts.ReqID, Priority: opts.Priority, Optional: opts.AcceptPlaintext},
 					Policy{Node: r.Name, Dir: DirFwd, Src: p, Dst: l, TmplSrc: r.Underlay, TmplDst: local.Underlay,

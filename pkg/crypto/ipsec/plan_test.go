@@ -112,6 +112,16 @@ func TestPlan(t *testing.T) {
 			},
 		},
 		{
+			name: "inbound only: states and in/fwd policies, no out policy", local: planA,
+			remotes: []Node{func() Node { c := planC; c.InboundOnly = true; return c }()}, keyring: testKeyring(t, 1),
+			want: []string{
+				"state in c ipv4 10.0.0.3->10.0.0.1 spi=0x10003001 key=1 rfc4106(gcm(aes)) icv=128 " + r + " replay=32",
+				"state out c ipv4 10.0.0.1->10.0.0.3 spi=0x10001003 key=1 rfc4106(gcm(aes)) icv=128 " + r + " replay=0",
+				"policy in c 10.244.3.0/24->10.244.1.0/24 tmpl 10.0.0.3->10.0.0.1 spi=0x0 " + r + " prio=4096",
+				"policy fwd c 10.244.3.0/24->10.244.1.0/24 tmpl 10.0.0.3->10.0.0.1 spi=0x0 " + r + " prio=4096",
+			},
+		},
+		{
 			name:  "IPv4 pods over an IPv6 underlay",
 			local: Node{Name: "x", ID: 10, BootID: "bx", Underlay: netip.MustParseAddr("fd77::10"), PodCIDRs: pfx("10.8.0.0/16")},
 			remotes: []Node{{Name: "y", ID: 0x1abc, BootID: "by", Underlay: netip.MustParseAddr("fd77::11"), PodCIDRs: pfx("10.9.0.0/16")},

@@ -118,3 +118,28 @@ func (x *XFRM) Status(ctx context.Context) ([]SAStatus, error) {
 	})
 	return out, nil
 }
+
+// OutboundTunnels returns the tunnel destinations (remote underlay
+// addresses) that owned out policies encrypt to now. The agent reads it
+// before an Apply: a node whose out policy is already in the kernel stays
+// reachable through the change (Apply updates policies in place), one
+// without is not yet. It changes nothing.
+func (x *XFRM) OutboundTunnels(ctx context.Context) (map[netip.Addr]bool, error) {
+	pols, err := dump(ctx, "XFRM policies", func() ([]netlink.XfrmPolicy, error) { return x.nl.XfrmPolicyList(netlink.FAMILY_ALL) })
+	if err != nil {
+		return nil, fmt.Errorf("XFRM outbound tunnels: %w", err)
+	}
+	out := map[netip.Addr]bool{}
+	for i := range pols {
+		p := &pols[i]
+		if p.Dir != netlink.XFRM_DIR_OUT || !x.ownsPolicy(p) {
+			continue
+		}
+		for _, t := range p.Tmpls {
+			if a, ok := netip.AddrFromSlice(t.Dst); ok {
+				out[a.Unmap()] = true
+			}
+		}
+	}
+	return out, nil
+}

@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"time"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
@@ -170,6 +171,40 @@ func writeKeyFile(path string, key wgtypes.Key) (err error) {
 		return fmt.Errorf("write WireGuard key: %w", err)
 	}
 	return nil
+}
+
+// RotateKey replaces the private key at path with a new one and returns it.
+// The new file is written as LoadOrCreateKey writes one (mode 0600, fsync)
+// and renamed over the old one, so a crash leaves either key, never neither
+// or a torn file. The previous key is gone from the disk afterwards.
+func RotateKey(path string) (wgtypes.Key, error) {
+	key, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		return wgtypes.Key{}, fmt.Errorf("generate WireGuard key: %w", err)
+	}
+	next := path + ".next"
+	_ = os.Remove(next) // a leftover of a crash between write and rename
+	if err := writeKeyFile(next, key); err != nil {
+		return wgtypes.Key{}, err
+	}
+	if err := os.Rename(next, path); err != nil {
+		_ = os.Remove(next)
+		return wgtypes.Key{}, fmt.Errorf("replace WireGuard key: %w", err)
+	}
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return wgtypes.Key{}, fmt.Errorf("replace WireGuard key: %w", err)
+	}
+	return key, nil
+}
+
+// KeyCreated returns when the key file at path was written: the key's age
+// is measured from it.
+func KeyCreated(path string) (time.Time, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("stat WireGuard key: %w", err)
+	}
+	return fi.ModTime(), nil
 }
 
 // syncDir fsyncs a directory so that a new entry in it is durable.

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
@@ -257,5 +258,43 @@ func TestFingerprint(t *testing.T) {
 	other[0] ^= 1
 	if Fingerprint(other) == got {
 		t.Error("different keys have the same fingerprint")
+	}
+}
+
+func TestRotateKey(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "wireguard.key")
+	old, _, err := LoadOrCreateKey(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, err := KeyCreated(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(10 * time.Millisecond) // mtime granularity
+	key, err := RotateKey(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if key == old {
+		t.Fatal("RotateKey returned the old key")
+	}
+	got, created, err := LoadOrCreateKey(path)
+	if err != nil || created || got != key {
+		t.Fatalf("after rotation the file holds %v (created %v, %v), want the new key", got == key, created, err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("rotated key file mode %#o, want 0600", fi.Mode().Perm())
+	}
+	after, err := KeyCreated(path)
+	if err != nil || !after.After(before) {
+		t.Errorf("key created %v after rotation, was %v (%v)", after, before, err)
+	}
+	if matches, _ := filepath.Glob(filepath.Join(filepath.Dir(path), "*")); len(matches) != 1 {
+		t.Errorf("files left beside the key: %v", matches)
 	}
 }

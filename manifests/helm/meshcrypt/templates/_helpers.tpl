@@ -27,10 +27,10 @@ any render (install, upgrade, template) fails early.
 */}}
 {{- define "meshcrypt.validate" -}}
 {{- if ne .Release.Namespace "meshcrypt" }}
-{{- fail (printf "meshcrypt must be installed into the namespace meshcrypt, not %q: the agent keeps its identity-collector Lease there (use --namespace meshcrypt)" .Release.Namespace) }}
+{{- fail (printf "meshcrypt must be installed into the namespace meshcrypt, not %q: the agent keeps its identity-collector Lease and reads the IPsec keyring there (use --namespace meshcrypt)" .Release.Namespace) }}
 {{- end }}
-{{- if .Values.encryption.strict }}
-{{- fail "encryption.strict is not implemented yet; leave it false (a MeshPolicy with encryption: Required drops matching traffic that could not be encrypted)" }}
+{{- if and .Values.encryption.strict (eq .Values.encryption.mode "Disabled") }}
+{{- fail "encryption.strict needs an encryption mode (WireGuard or IPsec), not Disabled" }}
 {{- end }}
 {{- if .Values.encryption.nodeEncryption }}
 {{- fail "encryption.nodeEncryption is not implemented yet; leave it false" }}
