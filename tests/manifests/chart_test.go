@@ -65,7 +65,7 @@ func TestChartAllValues(t *testing.T) {
 	defaults := readValues(t, chartDir+"/values.yaml")
 	// The FUTURE placeholders have one allowed value, their default; TestChartInvalidValues
 	// covers every other.
-	placeholders := []string{"encryption.nodeEncryption", "encryption.keyRotationInterval"}
+	placeholders := []string{"encryption.nodeEncryption"}
 	for _, leaf := range schemaLeaves(t) {
 		if slices.Contains(placeholders, leaf) {
 			continue
@@ -139,13 +139,13 @@ func TestChartAllValues(t *testing.T) {
 // TestChartMeshConfigValues checks that the encryption values reach the MeshConfig.
 func TestChartMeshConfigValues(t *testing.T) {
 	var vals map[string]any
-	if err := yaml.Unmarshal([]byte("encryption: {mode: IPsec, strict: true, ipsecRotationGracePeriod: 30s}"), &vals); err != nil {
+	if err := yaml.Unmarshal([]byte("encryption: {mode: IPsec, strict: true, ipsecRotationGracePeriod: 30s, keyRotationInterval: 720h}"), &vals); err != nil {
 		t.Fatal(err)
 	}
 	mc := find(t, parseObjects(t, "render", []byte(mustRender(t, renderOptions{values: vals}))), "MeshConfig")
-	got, _ := json.Marshal(nested[any](t, mc, "spec", "encryption"))
-	if want := `{"ipsec":{"rotationGracePeriod":"30s"},"mode":"IPsec","strict":true}`; string(got) != want {
-		t.Errorf("MeshConfig spec.encryption = %s, want %s", got, want)
+	got, _ := json.Marshal(nested[any](t, mc, "spec"))
+	if want := `{"encryption":{"ipsec":{"rotationGracePeriod":"30s"},"mode":"IPsec","strict":true},"keyRotation":{"every":"720h"}}`; string(got) != want {
+		t.Errorf("MeshConfig spec = %s, want %s", got, want)
 	}
 }
 
@@ -175,7 +175,7 @@ func TestChartInvalidValues(t *testing.T) {
 		{name: "extra arg without dashes", values: "extraArgs: [status-period=5s]", wantErr: []string{"/extraArgs/0"}},
 		{name: "strict without a mode", values: "encryption: {strict: true}", wantErr: []string{"encryption.strict needs an encryption mode"}},
 		{name: "nodeEncryption", values: "encryption: {nodeEncryption: true}", wantErr: []string{"encryption.nodeEncryption is not implemented yet"}},
-		{name: "keyRotationInterval", values: "encryption: {keyRotationInterval: 720h}", wantErr: []string{"encryption.keyRotationInterval is not implemented yet"}},
+		{name: "keyRotationInterval not a duration", values: "encryption: {keyRotationInterval: monthly}", wantErr: []string{"/encryption/keyRotationInterval"}},
 		{name: "other namespace", values: "{}", namespace: "kube-system", wantErr: []string{"namespace meshcrypt", `not "kube-system"`}},
 	}
 	for _, tt := range tests {

@@ -87,9 +87,9 @@ const AllNodes = "*"
 // KeyRotationSpec schedules key rotations (Every) and records the ones operators request
 // (`meshcrypt keys rotate`).
 type KeyRotationSpec struct {
-	// Every rotates keys automatically: each agent replaces its WireGuard key once it is this
-	// old, and the agent holding the cluster's lease adds a new IPsec key to the keyring once
-	// the current one is this old. Unset: no automatic rotation.
+	// Every rotates WireGuard keys automatically: each agent replaces its key once it is this
+	// old. Unset: no automatic rotation. (IPsec keyrings are rotated with `meshcrypt keys
+	// rotate`, e.g. from a CronJob.)
 	// +kubebuilder:validation:Type=string
 	// +kubebuilder:validation:Format=duration
 	// +optional

@@ -35,7 +35,4 @@ any render (install, upgrade, template) fails early.
 {{- if .Values.encryption.nodeEncryption }}
 {{- fail "encryption.nodeEncryption is not implemented yet; leave it false" }}
 {{- end }}
-{{- if .Values.encryption.keyRotationInterval }}
-{{- fail "encryption.keyRotationInterval is not implemented yet; leave it empty" }}
-{{- end }}
 {{- end }}
