@@ -595,7 +595,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	if err := a.cache.List(ctx, &list); err != nil {
 		return fmt.Errorf("list MeshNodes: %w", err)
 	}
-	if err := a.rotateIfDue(mc.Spec.KeyRotation); err != nil {
+	if err := a.rotateIfDue(ctx, mc.Spec.KeyRotation); err != nil {
 		return err
 	}
 	if err := a.publishSpec(ctx, &node, local, list.Items, mode == v1alpha1.ModeIPsec && a.refused == nil); err != nil {

