@@ -29,7 +29,7 @@ const protoESP = 50
 
 // espSupported reports whether this kernel can install tunnel-mode ESP states with AES-GCM,
 // probing for real in the test's own namespace.
-func espSupported(t *testing.T) bool {
+func espSupported(t testing.TB) bool {
 	t.Helper()
 	h, err := netlink.NewHandle()
 	if err != nil {
@@ -44,7 +44,7 @@ func espSupported(t *testing.T) bool {
 }
 
 // keyLine returns a keyring line with a fresh random AES-128-GCM key.
-func keyLine(t *testing.T, spi int) string {
+func keyLine(t testing.TB, spi int) string {
 	t.Helper()
 	b := make([]byte, 20)
 	if _, err := rand.Read(b); err != nil {
@@ -54,7 +54,7 @@ func keyLine(t *testing.T, spi int) string {
 }
 
 // setKeyring writes the keyring Secret the agents read.
-func setKeyring(ctx context.Context, t *testing.T, c *cluster.Cluster, lines ...string) {
+func setKeyring(ctx context.Context, t testing.TB, c *cluster.Cluster, lines ...string) {
 	t.Helper()
 	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: ipsec.SecretName, Namespace: cluster.AgentNamespace}}
 	data := []byte(strings.Join(lines, "\n") + "\n")
@@ -74,7 +74,7 @@ func setKeyring(ctx context.Context, t *testing.T, c *cluster.Cluster, lines ...
 }
 
 // setIPsec switches the cluster to mode IPsec (strict or not) with a rotation grace period.
-func setIPsec(ctx context.Context, t *testing.T, c *cluster.Cluster, strict bool, grace time.Duration) {
+func setIPsec(ctx context.Context, t testing.TB, c *cluster.Cluster, strict bool, grace time.Duration) {
 	t.Helper()
 	err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 10*time.Second, true, func(ctx context.Context) (bool, error) {
 		var mc v1alpha1.MeshConfig
