@@ -9,6 +9,8 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
@@ -157,4 +159,40 @@ func TestWireGuardKeyRotation(t *testing.T) {
 	// n3's agent is back: it rotates on start, since its request is pending.
 	old := keyOf("n3")
 	eventually(t, "n3 rotates once its agent is back", func() bool { return keyOf("n3") != old })
+
+	t.Run("keyRotation.every rotates keys by age", func(t *testing.T) {
+		before := map[string]string{"n1": keyOf("n1"), "n2": keyOf("n2"), "n3": keyOf("n3")}
+		// The CLI refuses periods under a minute; the agents take what MeshConfig says.
+		set := func(every *metav1.Duration) {
+			err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+				var mc v1alpha1.MeshConfig
+				if err := c.Client.Get(ctx, client.ObjectKey{Name: v1alpha1.MeshConfigName}, &mc); err != nil {
+					return err
+				}
+				mc.Spec.KeyRotation.Every = every
+				return c.Client.Update(ctx, &mc)
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		set(&metav1.Duration{Duration: 3 * time.Second})
+		defer set(nil)
+		eventually(t, "every node rotates its key once it is 3 s old", func() bool {
+			for n, k := range before {
+				if keyOf(n) == k {
+					return false
+				}
+			}
+			return true
+		})
+		set(nil)
+		if out, err := c.Run(ctx, "meshcrypt", "keys", "rotate", "--every", "720h"); err != nil || !strings.Contains(out, "every 720h") {
+			t.Fatalf("keys rotate --every 720h: %v\n%s", err, out)
+		}
+		if out, err := c.Run(ctx, "meshcrypt", "keys", "rotate", "--every", "10s"); err == nil {
+			t.Fatalf("keys rotate --every 10s accepted:\n%s", out)
+		}
+	})
+	eventually(t, "n1 -> n2 flows after the scheduled rotations", func() bool { return reaches(from, to, 7530, m, 2*time.Second) })
 }
