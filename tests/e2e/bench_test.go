@@ -57,18 +57,7 @@ func iperf3(ctx context.Context, from, to *netenv.Pod, secs int) (float64, error
 func BenchmarkPodThroughput(b *testing.B) {
 	c := cluster.StartT(b, cluster.Options{Backend: string(wgBackend)})
 	ctx := context.Background()
-	var pods []*netenv.Pod
-	for i := 1; i <= 2; i++ {
-		n, err := c.AddNode(ctx, fmt.Sprintf("n%d", i))
-		if err != nil {
-			b.Fatal(err)
-		}
-		p, err := c.AddPod(ctx, n, fmt.Sprintf("n%d-p1", i))
-		if err != nil {
-			b.Fatal(err)
-		}
-		pods = append(pods, p)
-	}
+	pods := addNodesWithPods(ctx, b, c, 2)
 	modes := []v1alpha1.EncryptionMode{v1alpha1.ModeDisabled, v1alpha1.ModeWireGuard}
 	if espSupported(b) {
 		setKeyring(ctx, b, c, keyLine(b, 1))

@@ -64,18 +64,7 @@ func agentsAlive(t *testing.T, c *cluster.Cluster) {
 func TestFaults(t *testing.T) {
 	c := cluster.StartT(t, cluster.Options{Backend: string(wgBackend)})
 	ctx := context.Background()
-	var pods []*netenv.Pod
-	for i := 1; i <= 3; i++ {
-		n, err := c.AddNode(ctx, fmt.Sprintf("n%d", i))
-		if err != nil {
-			t.Fatal(err)
-		}
-		p, err := c.AddPod(ctx, n, fmt.Sprintf("n%d-p1", i))
-		if err != nil {
-			t.Fatal(err)
-		}
-		pods = append(pods, p)
-	}
+	pods := addNodesWithPods(ctx, t, c, 3)
 	if out, err := c.Run(ctx, "meshcrypt", "encryption", "enable", "--mode", "wireguard", "--wait", "--timeout", "1m"); err != nil {
 		t.Fatal(err, out)
 	}

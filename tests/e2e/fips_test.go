@@ -14,7 +14,6 @@ import (
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/tests/cluster"
-	"github.com/meshcrypt/meshcrypt/tests/netenv"
 )
 
 // TestFIPSRefusesWireGuard runs agents on nodes in FIPS mode (the kernel flag simulated
@@ -28,18 +27,7 @@ func TestFIPSRefusesWireGuard(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := cluster.StartT(t, cluster.Options{Backend: string(wgBackend), AgentArgs: []string{"--fips-path=" + flag}})
-	var pods []*netenv.Pod
-	for i := 1; i <= 2; i++ {
-		n, err := c.AddNode(ctx, fmt.Sprintf("n%d", i))
-		if err != nil {
-			t.Fatal(err)
-		}
-		p, err := c.AddPod(ctx, n, fmt.Sprintf("n%d-p1", i))
-		if err != nil {
-			t.Fatal(err)
-		}
-		pods = append(pods, p)
-	}
+	pods := addNodesWithPods(ctx, t, c, 2)
 	if _, err := c.WaitConverged(ctx, v1alpha1.ModeDisabled, time.Minute); err != nil {
 		t.Fatal(err)
 	}

@@ -147,6 +147,24 @@ func ipsecConverged(nodes int, spi int32, spis ...int32) func([]v1alpha1.MeshNod
 	}
 }
 
+// addNodesWithPods adds nodes n1..nN with one pod each (nI-p1) and returns the pods.
+func addNodesWithPods(ctx context.Context, t testing.TB, c *cluster.Cluster, n int) []*netenv.Pod {
+	t.Helper()
+	var pods []*netenv.Pod
+	for i := 1; i <= n; i++ {
+		node, err := c.AddNode(ctx, fmt.Sprintf("n%d", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := c.AddPod(ctx, node, fmt.Sprintf("n%d-p1", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pods = append(pods, p)
+	}
+	return pods
+}
+
 // TestIPsecRefusedWithoutESP selects IPsec on a kernel without ESP (the build hosts'): every
 // node refuses the mode with a clear condition, MeshConfig says so, and pod traffic between
 // nodes stops rather than leaving in clear.
@@ -156,18 +174,7 @@ func TestIPsecRefusedWithoutESP(t *testing.T) {
 	}
 	ctx := context.Background()
 	c := cluster.StartT(t, cluster.Options{Backend: string(wgBackend)})
-	var pods []*netenv.Pod
-	for i := 1; i <= 2; i++ {
-		n, err := c.AddNode(ctx, fmt.Sprintf("n%d", i))
-		if err != nil {
-			t.Fatal(err)
-		}
-		p, err := c.AddPod(ctx, n, fmt.Sprintf("n%d-p1", i))
-		if err != nil {
-			t.Fatal(err)
-		}
-		pods = append(pods, p)
-	}
+	pods := addNodesWithPods(ctx, t, c, 2)
 	if _, err := c.WaitConverged(ctx, v1alpha1.ModeDisabled, time.Minute); err != nil {
 		t.Fatal(err)
 	}
@@ -248,15 +255,7 @@ func TestIPsecEndToEnd(t *testing.T) {
 	ctx := context.Background()
 	c := cluster.StartT(t, cluster.Options{Backend: string(wgBackend)})
 	const nodes = 3
-	for i := 1; i <= nodes; i++ {
-		n, err := c.AddNode(ctx, fmt.Sprintf("n%d", i))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := c.AddPod(ctx, n, fmt.Sprintf("n%d-p1", i)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	addNodesWithPods(ctx, t, c, nodes)
 	if _, err := c.WaitConverged(ctx, v1alpha1.ModeDisabled, time.Minute); err != nil {
 		t.Fatal(err)
 	}

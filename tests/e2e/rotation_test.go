@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -26,15 +25,7 @@ import (
 func TestWireGuardKeyRotation(t *testing.T) {
 	ctx := context.Background()
 	c := cluster.StartT(t, cluster.Options{Backend: string(wgBackend)})
-	for i := 1; i <= 3; i++ {
-		n, err := c.AddNode(ctx, fmt.Sprintf("n%d", i))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := c.AddPod(ctx, n, fmt.Sprintf("n%d-p1", i)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	addNodesWithPods(ctx, t, c, 3)
 	if err := c.SetMode(ctx, v1alpha1.ModeWireGuard); err != nil {
 		t.Fatal(err)
 	}

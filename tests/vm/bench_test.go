@@ -2,17 +2,13 @@ package vm_test
 
 import (
 	"context"
-	"fmt"
+	"io"
 	"log/slog"
-	"net/url"
 	"regexp"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/meshcrypt/meshcrypt/tests/cluster"
-	"github.com/meshcrypt/meshcrypt/tests/controlplane"
 	"github.com/meshcrypt/meshcrypt/tests/vm"
 )
 
@@ -26,45 +22,9 @@ var benchMetric = regexp.MustCompile(`([0-9.e+-]+) ((?:clear|wireguard|ipsec)[-/
 func BenchmarkPodThroughputInVM(b *testing.B) {
 	ctx, cancel := context.WithTimeout(b.Context(), e2eBootTimeout+5*time.Minute)
 	defer cancel()
-	var (
-		img    *vm.Image
-		imgErr error
-		wg     sync.WaitGroup
-	)
-	wg.Go(func() {
-		img, imgErr = vm.Build(ctx, vm.Options{
-			Tests: []vm.Test{{Package: "tests/e2e", Run: "^$", Timeout: e2eTestTimeout,
-				Args: []string{"-test.bench=^BenchmarkPodThroughput$", "-test.benchtime=1x"}}},
-			Programs:     []string{"cmd/meshcrypt-agent", "cmd/meshcrypt"},
-			HostPrograms: []string{"ip", "iperf3"},
-			Logger:       slog.New(slog.DiscardHandler),
-		})
-	})
-	cp := controlplane.StartT(b, controlplane.Options{})
-	applyErr := cluster.ApplyManifests(ctx, cp)
-	wg.Wait()
-	if imgErr != nil {
-		b.Fatal(imgErr)
-	}
-	defer img.Close()
-	if applyErr != nil {
-		b.Fatal(applyErr)
-	}
-	u, err := url.Parse(cp.URL())
-	if err != nil {
-		b.Fatal(err)
-	}
-	kc, err := cp.Kubeconfig(fmt.Sprintf("https://%s:%s", vm.HostAddr, u.Port()), cp.AdminToken())
-	if err != nil {
-		b.Fatal(err)
-	}
-	res, err := vm.Boot(ctx, img, vm.BootOptions{
-		Network: true,
-		Memory:  2048,
-		Timeout: e2eBootTimeout,
-		Files:   []vm.File{{Path: e2eGuestKubeconfig, Data: kc, Mode: 0o600}},
-		Env:     map[string]string{cluster.KubeconfigEnv: e2eGuestKubeconfig, "MESHCRYPT_BIN_DIR": vm.ProgramDir},
-	})
+	res, _, err := bootE2E(ctx, b, vm.Test{Package: "tests/e2e", Run: "^$", Timeout: e2eTestTimeout,
+		Args: []string{"-test.bench=^BenchmarkPodThroughput$", "-test.benchtime=1x"}},
+		[]string{"ip", "iperf3"}, slog.New(slog.DiscardHandler), io.Discard)
 	if err != nil {
 		b.Fatal(err)
 	}

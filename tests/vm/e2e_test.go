@@ -3,6 +3,7 @@ package vm_test
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/url"
 	"strings"
@@ -66,59 +67,8 @@ func TestE2EInVM(t *testing.T) {
 	defer cancel()
 	log := slog.New(slog.NewTextHandler(t.Output(), nil))
 
-	// The image builds while the control plane starts.
-	var (
-		img    *vm.Image
-		imgErr error
-		wg     sync.WaitGroup
-	)
-	wg.Go(func() {
-		img, imgErr = vm.Build(ctx, vm.Options{
-			Tests: []vm.Test{
-				{Package: "tests/vm/internal/guestagent", MustRun: []string{"TestAgentsKernelWireGuard"}},
-				{Package: "tests/e2e", Run: vm.RunOnly(e2eInVM...), MustRun: e2eInVM, Timeout: e2eTestTimeout},
-			},
-			Programs:     []string{"cmd/meshcrypt-agent", "cmd/meshcrypt"},
-			HostPrograms: []string{"ip"}, // netenv runs agents with ip netns exec
-			Logger:       log,
-		})
-	})
-	cp := controlplane.StartT(t, controlplane.Options{})
-	applyErr := cluster.ApplyManifests(ctx, cp)
-	wg.Wait()
-	if imgErr != nil {
-		t.Fatal(imgErr)
-	}
-	defer img.Close()
-	if applyErr != nil {
-		t.Fatal(applyErr)
-	}
-
-	// The guest reaches the host's 127.0.0.1:PORT at 10.0.2.2:PORT; the kubeconfig then
-	// names localhost for TLS, which the certificate holds.
-	u, err := url.Parse(cp.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	kc, err := cp.Kubeconfig(fmt.Sprintf("https://%s:%s", vm.HostAddr, u.Port()), cp.AdminToken())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("image built and control plane ready after %s (image: %s, go test -c %s)", time.Since(start).Round(time.Millisecond),
-		img.BuildTime.Round(time.Millisecond), img.CompileTime.Round(time.Millisecond))
-	res, err := vm.Boot(ctx, img, vm.BootOptions{
-		Network: true,
-		// Four agents, the e2e binary and the CLI beside the initramfs, which stays in RAM.
-		Memory:  2048,
-		Timeout: e2eBootTimeout,
-		Files:   []vm.File{{Path: e2eGuestKubeconfig, Data: kc, Mode: 0o600}},
-		Env: map[string]string{
-			cluster.KubeconfigEnv: e2eGuestKubeconfig,
-			"MESHCRYPT_BIN_DIR":   vm.ProgramDir,
-			"MESHCRYPT_AGENT":     vm.ProgramDir + "/meshcrypt-agent", // for guestagent
-		},
-		Progress: t.Output(),
-	})
+	res, cp, err := bootE2E(ctx, t, vm.Test{Package: "tests/e2e", Run: vm.RunOnly(e2eInVM...), MustRun: e2eInVM, Timeout: e2eTestTimeout},
+		[]string{"ip"}, log, t.Output()) // netenv runs agents with ip netns exec
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -153,6 +103,67 @@ func TestE2EInVM(t *testing.T) {
 	t.Logf("TestE2EInVM: %s in all; VM booted after %s, first test at %s, powered off after %s",
 		time.Since(start).Round(time.Millisecond), res.BootTime.Round(time.Millisecond),
 		res.FirstTest.Round(time.Millisecond), res.Duration.Round(time.Millisecond))
+}
+
+// bootE2E builds an image with tests/vm/internal/guestagent (the quick check that the guest
+// reaches the host's API server) and e2e (a tests/e2e binary), the meshcrypt binaries and
+// hostPrograms, starts a control plane on the host with the manifests applied while it builds,
+// and boots the VM against that control plane (see TestE2EInVM). The control plane stops
+// with tb.
+func bootE2E(ctx context.Context, tb testing.TB, e2e vm.Test, hostPrograms []string, log *slog.Logger, progress io.Writer) (*vm.Result, *controlplane.ControlPlane, error) {
+	start := time.Now()
+	var (
+		img    *vm.Image
+		imgErr error
+		wg     sync.WaitGroup
+	)
+	wg.Go(func() {
+		img, imgErr = vm.Build(ctx, vm.Options{
+			Tests: []vm.Test{
+				{Package: "tests/vm/internal/guestagent", MustRun: []string{"TestAgentsKernelWireGuard"}},
+				e2e,
+			},
+			Programs:     []string{"cmd/meshcrypt-agent", "cmd/meshcrypt"},
+			HostPrograms: hostPrograms,
+			Logger:       log,
+		})
+	})
+	cp := controlplane.StartT(tb, controlplane.Options{})
+	applyErr := cluster.ApplyManifests(ctx, cp)
+	wg.Wait()
+	if imgErr != nil {
+		return nil, nil, imgErr
+	}
+	defer img.Close()
+	if applyErr != nil {
+		return nil, nil, applyErr
+	}
+	// The guest reaches the host's 127.0.0.1:PORT at 10.0.2.2:PORT; the kubeconfig then
+	// names localhost for TLS, which the certificate holds.
+	u, err := url.Parse(cp.URL())
+	if err != nil {
+		return nil, nil, err
+	}
+	kc, err := cp.Kubeconfig(fmt.Sprintf("https://%s:%s", vm.HostAddr, u.Port()), cp.AdminToken())
+	if err != nil {
+		return nil, nil, err
+	}
+	tb.Logf("image built and control plane ready after %s (image: %s, go test -c %s)", time.Since(start).Round(time.Millisecond),
+		img.BuildTime.Round(time.Millisecond), img.CompileTime.Round(time.Millisecond))
+	res, err := vm.Boot(ctx, img, vm.BootOptions{
+		Network: true,
+		// Four agents, the e2e binary and the CLI beside the initramfs, which stays in RAM.
+		Memory:  2048,
+		Timeout: e2eBootTimeout,
+		Files:   []vm.File{{Path: e2eGuestKubeconfig, Data: kc, Mode: 0o600}},
+		Env: map[string]string{
+			cluster.KubeconfigEnv: e2eGuestKubeconfig,
+			"MESHCRYPT_BIN_DIR":   vm.ProgramDir,
+			"MESHCRYPT_AGENT":     vm.ProgramDir + "/meshcrypt-agent", // for guestagent
+		},
+		Progress: progress,
+	})
+	return res, cp, err
 }
 
 // logDurations logs how long each top-level test of pkg took in the guest, for the record
