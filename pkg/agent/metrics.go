@@ -3,17 +3,35 @@ package agent
 import (
 	"context"
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meshcrypt/meshcrypt/pkg/crypto/ipsec"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
 	"github.com/meshcrypt/meshcrypt/pkg/metrics"
 )
 
 var _ metrics.Source = (*Agent)(nil)
+
+// xfrmStats is the agent's metrics.XFRMSource: the XFRM error counters of the node's
+// namespace (/proc/net/xfrm_stat, where the agent runs). A kernel without XFRM statistics
+// (CONFIG_XFRM_STATISTICS unset) has no such file and exports none.
+type xfrmStats struct{}
+
+var _ metrics.XFRMSource = xfrmStats{}
+
+// XFRMStats implements metrics.XFRMSource.
+func (xfrmStats) XFRMStats(context.Context) (map[string]uint64, error) {
+	m, err := ipsec.ReadXfrmStat("")
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	return m, err
+}
 
 // Gatherer is what the agent's /metrics serves.
 func (a *Agent) Gatherer() prometheus.Gatherer { return a.rec.Gatherer() }

@@ -34,7 +34,8 @@ type Source interface {
 }
 
 // XFRMSource reads the kernel's XFRM (IPsec) error counters, one per /proc/net/xfrm_stat
-// field. XFRMStatFile implements it. Its method must be safe for concurrent use.
+// field (the agent reads them with pkg/crypto/ipsec.ReadXfrmStat). Its method must be safe for
+// concurrent use.
 type XFRMSource interface {
 	// XFRMStats returns the counters by field name (XfrmInError, XfrmOutStateExpired, ...).
 	XFRMStats(ctx context.Context) (map[string]uint64, error)

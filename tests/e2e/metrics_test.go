@@ -76,6 +76,10 @@ func checkMetrics(t *testing.T, n *cluster.Node, deny func()) {
 	if got := metricValue(t, before, "meshcrypt_key_age_seconds", nil); got <= 0 {
 		t.Errorf("meshcrypt_key_age_seconds = %v", got)
 	}
+	// The node's XFRM error counters are exported (zero without IPsec traffic).
+	if !strings.Contains(before, `meshcrypt_xfrm_errors_total{field="XfrmInNoStates"}`) {
+		t.Error("meshcrypt_xfrm_errors_total{field=\"XfrmInNoStates\"} not exported")
+	}
 	denied := map[string]string{"reason": "denied_ingress"}
 	b := metricValue(t, before, "meshcrypt_policy_verdict_packets_total", denied)
 	deny()
