@@ -11,9 +11,6 @@ import (
 
 	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
@@ -100,23 +97,14 @@ func setMode(ctx context.Context, g *globals, out io.Writer, mode v1alpha1.Encry
 		return err
 	}
 	var previous v1alpha1.EncryptionMode
-	err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		var mc v1alpha1.MeshConfig
-		err := c.Get(ctx, client.ObjectKey{Name: v1alpha1.MeshConfigName}, &mc)
-		if apierrors.IsNotFound(err) {
-			previous = v1alpha1.ModeDisabled
-			mc = v1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: v1alpha1.MeshConfigName}}
-			mc.Spec.Encryption.Mode = mode
-			mc.Spec.Encryption.Strict = strict
-			return c.Create(ctx, &mc)
-		}
-		if err != nil {
-			return err
-		}
+	err = updateMeshConfig(ctx, c, func(mc *v1alpha1.MeshConfig) error {
 		previous = mc.Spec.Encryption.Mode
+		if previous == "" { // none yet: agents treat a missing MeshConfig as Disabled
+			previous = v1alpha1.ModeDisabled
+		}
 		mc.Spec.Encryption.Mode = mode
 		mc.Spec.Encryption.Strict = strict
-		return c.Update(ctx, &mc)
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("set MeshConfig %s mode %s: %w", v1alpha1.MeshConfigName, mode, err)
@@ -135,51 +123,84 @@ func setMode(ctx context.Context, g *globals, out io.Writer, mode v1alpha1.Encry
 // waitForMode polls the MeshNodes until every node has applied mode, printing each node's
 // progress when it changes.
 func waitForMode(ctx context.Context, c client.Client, out io.Writer, mode v1alpha1.EncryptionMode, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+	return waitNodes(ctx, out, waitOptions{
+		timeout: timeout,
+		what:    "nodes to apply " + string(mode),
+		poll: func(ctx context.Context) (map[string]string, error) {
+			var list v1alpha1.MeshNodeList
+			if err := c.List(ctx, &list); err != nil {
+				return nil, fmt.Errorf("list MeshNodes: %w", err)
+			}
+			var nodes corev1.NodeList
+			if err := c.List(ctx, &nodes); err != nil {
+				return nil, fmt.Errorf("list Nodes: %w", err)
+			}
+			expected := make([]string, len(nodes.Items))
+			for i, n := range nodes.Items {
+				expected[i] = n.Name
+			}
+			lines := map[string]string{}
+			for _, p := range status.Progress(mode, list.Items, expected) {
+				lines[p.Node] = "waiting: " + p.Waiting
+				if p.Done {
+					lines[p.Node] = "done"
+				}
+			}
+			return lines, nil
+		},
+		done: func(n int, took time.Duration) string {
+			return fmt.Sprintf("all %d nodes applied %s in %s", n, mode, took.Round(time.Millisecond))
+		},
+		pending: func(done, total int) string { return fmt.Sprintf("%d of %d nodes applied %s", done, total, mode) },
+	})
+}
+
+// waitOptions describe one --wait: what each node waits for, and how the end is told.
+type waitOptions struct {
+	timeout time.Duration
+	// what is waited for, for an error while polling after the timeout.
+	what string
+	// poll returns each node's line: "done", or "waiting: " and what for.
+	poll func(ctx context.Context) (map[string]string, error)
+	// done is the last line once all nodes are done; pending the timeout's error with done
+	// of total nodes done.
+	done    func(nodes int, took time.Duration) string
+	pending func(done, total int) string
+}
+
+// waitNodes polls until every node is done, printing each node's line when it changes.
+func waitNodes(ctx context.Context, out io.Writer, o waitOptions) error {
+	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
 	start := time.Now()
 	shown := map[string]string{}
-	tick := time.NewTicker(500 * time.Millisecond)
+	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		var list v1alpha1.MeshNodeList
-		if err := c.List(ctx, &list); err != nil {
+		lines, err := o.poll(ctx)
+		if err != nil {
 			if ctx.Err() != nil {
-				return fmt.Errorf("timed out after %s waiting for nodes to apply %s", timeout, mode)
+				return fmt.Errorf("timed out after %s waiting for %s", o.timeout, o.what)
 			}
-			return fmt.Errorf("list MeshNodes: %w", err)
+			return err
 		}
-		var nodes corev1.NodeList
-		if err := c.List(ctx, &nodes); err != nil {
-			if ctx.Err() != nil {
-				return fmt.Errorf("timed out after %s waiting for nodes to apply %s", timeout, mode)
-			}
-			return fmt.Errorf("list Nodes: %w", err)
-		}
-		expected := make([]string, len(nodes.Items))
-		for i, n := range nodes.Items {
-			expected[i] = n.Name
-		}
-		prog := status.Progress(mode, list.Items, expected)
 		done := 0
-		for _, p := range prog {
-			line := "waiting: " + p.Waiting
-			if p.Done {
-				line = "done"
+		for _, n := range slices.Sorted(maps.Keys(lines)) {
+			if lines[n] == "done" {
 				done++
 			}
-			if shown[p.Node] != line {
-				shown[p.Node] = line
-				fmt.Fprintf(out, "  %-20s %s\n", p.Node, line)
+			if shown[n] != lines[n] {
+				shown[n] = lines[n]
+				fmt.Fprintf(out, "  %-20s %s\n", n, lines[n])
 			}
 		}
-		if done == len(prog) {
-			fmt.Fprintf(out, "all %d nodes applied %s in %s\n", done, mode, time.Since(start).Round(time.Millisecond))
+		if done == len(lines) {
+			fmt.Fprintln(out, o.done(done, time.Since(start)))
 			return nil
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("timed out after %s: %d of %d nodes applied %s", timeout, done, len(prog), mode)
+			return fmt.Errorf("timed out after %s: %s", o.timeout, o.pending(done, len(lines)))
 		case <-tick.C:
 		}
 	}

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/rand"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,7 +17,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/yaml"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/ipsec"
@@ -109,6 +107,9 @@ than DURATION by themselves (0 turns it off).`,
 		Short: "show every node's key fingerprint, key age, IPsec SPIs and any rotation in progress (never a key)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
 			c, err := g.client()
 			if err != nil {
 				return err
@@ -120,30 +121,9 @@ than DURATION by themselves (0 turns it off).`,
 			return writeOutput(cmd.OutOrStdout(), output, r, r.WriteTable)
 		},
 	}
-	st.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
-	_ = st.RegisterFlagCompletionFunc("output", cobra.FixedCompletions([]string{"table", "json", "yaml"}, cobra.ShellCompDirectiveNoFileComp))
+	addOutputFlag(st, &output)
 	cmd.AddCommand(rotate, st)
 	return cmd
-}
-
-// writeOutput writes v as JSON or YAML, or with table for "table".
-func writeOutput(w io.Writer, format string, v any, table func(io.Writer) error) error {
-	switch format {
-	case "table", "":
-		return table(w)
-	case "json":
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		return enc.Encode(v)
-	case "yaml":
-		b, err := yaml.Marshal(v)
-		if err != nil {
-			return err
-		}
-		_, err = w.Write(b)
-		return err
-	}
-	return fmt.Errorf("-o %q: unknown output format (valid: table, json, yaml)", format)
 }
 
 // readKeys reads the MeshConfig and MeshNodes into a key report.
@@ -288,7 +268,7 @@ func rotateWireGuard(ctx context.Context, g *globals, c client.Client, out io.Wr
 	if !wf.wait {
 		return nil
 	}
-	return waitFor(ctx, c, out, wf.timeout, "rotation", func(mns []v1alpha1.MeshNode) map[string]string {
+	return waitForNodes(ctx, c, out, wf.timeout, "rotation", func(mns []v1alpha1.MeshNode) map[string]string {
 		return wireGuardRotationProgress(mns, before)
 	})
 }
@@ -379,7 +359,7 @@ func rotateIPsec(ctx context.Context, g *globals, c client.Client, out io.Writer
 	if !wf.wait {
 		return nil
 	}
-	return waitFor(ctx, c, out, wf.timeout, "IPsec rotation", func(mns []v1alpha1.MeshNode) map[string]string {
+	return waitForNodes(ctx, c, out, wf.timeout, "IPsec rotation", func(mns []v1alpha1.MeshNode) map[string]string {
 		return ipsecRotationProgress(mns, next)
 	})
 }
@@ -428,47 +408,22 @@ func ipsecRotationProgress(mns []v1alpha1.MeshNode, spi uint8) map[string]string
 	return out
 }
 
-// waitFor polls the MeshNodes until progress reports every node done, printing each node's
-// line when it changes.
-func waitFor(ctx context.Context, c client.Client, out io.Writer, timeout time.Duration, what string, progress func([]v1alpha1.MeshNode) map[string]string) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	start := time.Now()
-	shown := map[string]string{}
-	tick := time.NewTicker(250 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		var list v1alpha1.MeshNodeList
-		if err := c.List(ctx, &list); err != nil {
-			if ctx.Err() != nil {
-				return fmt.Errorf("timed out after %s waiting for the %s", timeout, what)
+// waitForNodes follows a rotation: progress says, for every node concerned, "done" or what
+// it waits for.
+func waitForNodes(ctx context.Context, c client.Client, out io.Writer, timeout time.Duration, what string, progress func([]v1alpha1.MeshNode) map[string]string) error {
+	return waitNodes(ctx, out, waitOptions{
+		timeout: timeout,
+		what:    "the " + what,
+		poll: func(ctx context.Context) (map[string]string, error) {
+			var list v1alpha1.MeshNodeList
+			if err := c.List(ctx, &list); err != nil {
+				return nil, fmt.Errorf("list MeshNodes: %w", err)
 			}
-			return fmt.Errorf("list MeshNodes: %w", err)
-		}
-		prog := progress(list.Items)
-		names := make([]string, 0, len(prog))
-		for n := range prog {
-			names = append(names, n)
-		}
-		slices.Sort(names)
-		done := 0
-		for _, n := range names {
-			if prog[n] == "done" {
-				done++
-			}
-			if shown[n] != prog[n] {
-				shown[n] = prog[n]
-				fmt.Fprintf(out, "  %-20s %s\n", n, prog[n])
-			}
-		}
-		if done == len(prog) {
-			fmt.Fprintf(out, "%s complete on all %d nodes in %s\n", what, done, time.Since(start).Round(time.Millisecond))
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("timed out after %s: %s complete on %d of %d nodes", timeout, what, done, len(prog))
-		case <-tick.C:
-		}
-	}
+			return progress(list.Items), nil
+		},
+		done: func(n int, took time.Duration) string {
+			return fmt.Sprintf("%s complete on all %d nodes in %s", what, n, took.Round(time.Millisecond))
+		},
+		pending: func(done, total int) string { return fmt.Sprintf("%s complete on %d of %d nodes", what, done, total) },
+	})
 }

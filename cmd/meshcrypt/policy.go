@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"slices"
@@ -16,7 +15,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/yaml"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/pkg/identity"
@@ -31,8 +29,8 @@ func newIdentitiesCmd(g *globals) *cobra.Command {
 		Short: "list the numeric identities and their label sets",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if !slices.Contains(outputFormats, output) {
-				return fmt.Errorf("-o %q: want one of %s", output, strings.Join(outputFormats, ", "))
+			if err := checkOutput(output); err != nil {
+				return err
 			}
 			c, err := g.client()
 			if err != nil {
@@ -42,39 +40,26 @@ func newIdentitiesCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			out := cmd.OutOrStdout()
-			if output != "table" {
-				type row struct {
-					Identity uint32            `json:"identity"`
-					Cluster  uint8             `json:"cluster"`
-					Labels   map[string]string `json:"labels"`
-				}
-				rows := []row{}
-				for _, id := range ids {
-					rows = append(rows, row{id.ID, identity.Identity(id.ID).Cluster(), id.Labels})
-				}
-				if output == "yaml" {
-					b, err := yaml.Marshal(rows)
-					if err != nil {
-						return err
-					}
-					_, err = out.Write(b)
-					return err
-				}
-				enc := json.NewEncoder(out)
-				enc.SetIndent("", "  ")
-				return enc.Encode(rows)
+			type row struct {
+				Identity uint32            `json:"identity"`
+				Cluster  uint8             `json:"cluster"`
+				Labels   map[string]string `json:"labels"`
 			}
-			tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-			fmt.Fprintln(tw, "IDENTITY\tCLUSTER\tLABELS")
+			rows := []row{}
 			for _, id := range ids {
-				fmt.Fprintf(tw, "%d\t%d\t%s\n", id.ID, identity.Identity(id.ID).Cluster(), identity.FromMap(id.Labels).String())
+				rows = append(rows, row{id.ID, identity.Identity(id.ID).Cluster(), id.Labels})
 			}
-			return tw.Flush()
+			return writeOutput(cmd.OutOrStdout(), output, rows, func(w io.Writer) error {
+				tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+				fmt.Fprintln(tw, "IDENTITY\tCLUSTER\tLABELS")
+				for _, id := range ids {
+					fmt.Fprintf(tw, "%d\t%d\t%s\n", id.ID, identity.Identity(id.ID).Cluster(), identity.FromMap(id.Labels).String())
+				}
+				return tw.Flush()
+			})
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: "+strings.Join(outputFormats, ", "))
-	_ = cmd.RegisterFlagCompletionFunc("output", cobra.FixedCompletions(outputFormats, cobra.ShellCompDirectiveNoFileComp))
+	addOutputFlag(cmd, &output)
 	return cmd
 }
 

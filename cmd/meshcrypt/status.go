@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"slices"
 	"strings"
 	"time"
@@ -16,9 +17,6 @@ import (
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/pkg/status"
 )
-
-// outputFormats are the formats of -o (status, identities).
-var outputFormats = []string{"table", "json", "yaml"}
 
 func newStatusCmd(g *globals) *cobra.Command {
 	var output, node string
@@ -41,8 +39,8 @@ Exit status, for audit jobs:
 Permissions: get meshconfigs and list meshnodes (API group meshcrypt.io), list nodes.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if !slices.Contains(outputFormats, output) {
-				return fmt.Errorf("-o %q: want one of %s", output, strings.Join(outputFormats, ", "))
+			if err := checkOutput(output); err != nil {
+				return err
 			}
 			c, err := g.client()
 			if err != nil {
@@ -63,15 +61,7 @@ Permissions: get meshconfigs and list meshnodes (API group meshcrypt.io), list n
 				}
 				r = only
 			}
-			out := cmd.OutOrStdout()
-			switch output {
-			case "json":
-				err = r.WriteJSON(out)
-			case "yaml":
-				err = r.WriteYAML(out)
-			default:
-				err = r.WriteTable(out, time.Now())
-			}
+			err = writeOutput(cmd.OutOrStdout(), output, r, func(w io.Writer) error { return r.WriteTable(w, time.Now()) })
 			if err != nil {
 				return err
 			}
@@ -81,9 +71,8 @@ Permissions: get meshconfigs and list meshnodes (API group meshcrypt.io), list n
 			return nil
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: "+strings.Join(outputFormats, ", "))
+	addOutputFlag(cmd, &output)
 	cmd.Flags().StringVar(&node, "node", "", "report only this node and its pairs")
-	_ = cmd.RegisterFlagCompletionFunc("output", cobra.FixedCompletions(outputFormats, cobra.ShellCompDirectiveNoFileComp))
 	_ = cmd.RegisterFlagCompletionFunc("node", completeNodes(g))
 	return cmd
 }

@@ -343,17 +343,23 @@ func notEncrypting(mode v1alpha1.EncryptionMode, a, b *v1alpha1.MeshNode, ps *v1
 }
 
 // WriteJSON writes the report as indented JSON.
-func (r Report) WriteJSON(w io.Writer) error {
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	return enc.Encode(r)
-}
+func (r Report) WriteJSON(w io.Writer) error { return WriteJSON(w, r) }
 
 // WriteYAML writes the report as YAML, with the same field names as WriteJSON.
-func (r Report) WriteYAML(w io.Writer) error {
-	b, err := yaml.Marshal(r)
+func (r Report) WriteYAML(w io.Writer) error { return WriteYAML(w, r) }
+
+// WriteJSON writes v as indented JSON, as every `-o json` of the CLI does.
+func WriteJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// WriteYAML writes v as YAML, as every `-o yaml` of the CLI does.
+func WriteYAML(w io.Writer, v any) error {
+	b, err := yaml.Marshal(v)
 	if err != nil {
-		return fmt.Errorf("encode status as YAML: %w", err)
+		return fmt.Errorf("encode YAML: %w", err)
 	}
 	_, err = w.Write(b)
 	return err
