@@ -1,8 +1,10 @@
 // Package testutil holds helpers shared by the project's privileged tests: a fresh network
-// namespace per test and the root check. It is imported only from _test.go files.
+// namespace per test, the root check, and what the running kernel was built with. It is imported only from _test.go files.
 package testutil
 
 import (
+	"bufio"
+	"compress/gzip"
 	"os"
 	"testing"
 
@@ -49,4 +51,33 @@ func NewNetNS(t testing.TB) (netns.NsHandle, *netlink.Handle) {
 		ns.Close()
 	})
 	return ns, h
+}
+
+// KernelFeature reports whether the running kernel has a feature, and whether that is known
+// rather than guessed: the module is loaded (/sys/module/MODULE), or the kernel config
+// (/proc/config.gz) builds CONFIG_OPTION in or leaves it unset. A loadable module that is not
+// loaded, or no config to read, is unknown.
+func KernelFeature(module, option string) (available, known bool) {
+	if _, err := os.Stat("/sys/module/" + module); err == nil {
+		return true, true
+	}
+	f, err := os.Open("/proc/config.gz")
+	if err != nil {
+		return false, false
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		return false, false
+	}
+	sc := bufio.NewScanner(zr)
+	for sc.Scan() {
+		switch sc.Text() {
+		case "CONFIG_" + option + "=y":
+			return true, true
+		case "# CONFIG_" + option + " is not set":
+			return false, true
+		}
+	}
+	return false, false
 }

@@ -1,8 +1,6 @@
 package ipsec_test
 
 import (
-	"bufio"
-	"compress/gzip"
 	"context"
 	"errors"
 	"net"
@@ -15,34 +13,6 @@ import (
 	"github.com/vishvananda/netlink"
 )
 
-// espInKernel reports whether the running kernel has IPv4 ESP, and whether
-// that is known (a loaded esp4 module, or the kernel config) rather than
-// guessed.
-func espInKernel() (available, known bool) {
-	if _, err := os.Stat("/sys/module/esp4"); err == nil {
-		return true, true
-	}
-	f, err := os.Open("/proc/config.gz")
-	if err != nil {
-		return false, false
-	}
-	defer f.Close()
-	zr, err := gzip.NewReader(f)
-	if err != nil {
-		return false, false
-	}
-	sc := bufio.NewScanner(zr)
-	for sc.Scan() {
-		switch sc.Text() {
-		case "CONFIG_INET_ESP=y":
-			return true, true
-		case "# CONFIG_INET_ESP is not set":
-			return false, true
-		}
-	}
-	return false, false
-}
-
 // TestSupported checks the detection against what the kernel config says:
 // ErrNotSupported on the build hosts (no CONFIG_INET_ESP), nil in the VM
 // (esp4 and GCM loaded). The probe leaves nothing behind.
@@ -50,7 +20,7 @@ func TestSupported(t *testing.T) {
 	_, h := testutil.NewNetNS(t)
 	err := ipsec.Supported(h)
 	t.Logf("Supported: %v", err)
-	available, known := espInKernel()
+	available, known := testutil.KernelFeature("esp4", "INET_ESP")
 	switch {
 	case known && available && err != nil:
 		t.Errorf("Supported = %v on a kernel with ESP", err)

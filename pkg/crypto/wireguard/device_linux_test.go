@@ -3,9 +3,7 @@
 package wireguard_test
 
 import (
-	"bufio"
 	"bytes"
-	"compress/gzip"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -27,6 +25,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/meshcrypt/meshcrypt/internal/testutil"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -39,37 +38,6 @@ func requireRoot(t testing.TB) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: creates network namespaces, veth pairs and WireGuard devices")
 	}
-}
-
-// kernelWireGuard reports whether the running kernel has WireGuard, and
-// whether that is known (from /sys/module or the kernel config) rather than
-// guessed.
-func kernelWireGuard(t testing.TB) (available, known bool) {
-	t.Helper()
-	if _, err := os.Stat("/sys/module/wireguard"); err == nil {
-		return true, true
-	}
-	f, err := os.Open("/proc/config.gz")
-	if err != nil {
-		return false, false
-	}
-	defer f.Close()
-	zr, err := gzip.NewReader(f)
-	if err != nil {
-		return false, false
-	}
-	sc := bufio.NewScanner(zr)
-	for sc.Scan() {
-		switch line := sc.Text(); {
-		case line == "CONFIG_WIREGUARD=y":
-			return true, true
-		case line == "CONFIG_WIREGUARD=m":
-			return false, false // depends on whether it can be loaded
-		case line == "# CONFIG_WIREGUARD is not set":
-			return false, true
-		}
-	}
-	return false, false
 }
 
 // uniqueID returns a short random hex string for namespace and interface
@@ -822,7 +790,7 @@ func TestDeviceOutlivesAgent(t *testing.T) {
 // falls back to userspace.
 func TestKernelBackendDetection(t *testing.T) {
 	requireRoot(t)
-	available, known := kernelWireGuard(t)
+	available, known := testutil.KernelFeature("wireguard", "WIREGUARD")
 	ctx := t.Context()
 	id := uniqueID(t)
 	n := &node{ns: newNS(t, "mcwg-"+id+"-k"), wgName: "mcwg" + id + "k"}
@@ -872,7 +840,7 @@ func TestKernelBackendDetection(t *testing.T) {
 // delete.
 func TestKernelDevice(t *testing.T) {
 	requireRoot(t)
-	if available, _ := kernelWireGuard(t); !available {
+	if available, _ := testutil.KernelFeature("wireguard", "WIREGUARD"); !available {
 		t.Skip("kernel WireGuard (CONFIG_WIREGUARD) not available: covered in the VM suite")
 	}
 	ctx := t.Context()
