@@ -539,6 +539,16 @@ func (c *Cluster) MeshNodes(ctx context.Context) ([]v1alpha1.MeshNode, error) {
 // every other node configured with its current key (both directions). It returns how long
 // that took.
 func (c *Cluster) WaitConverged(ctx context.Context, mode v1alpha1.EncryptionMode, timeout time.Duration) (time.Duration, error) {
+	took, err := c.WaitMeshNodes(ctx, timeout, func(mns []v1alpha1.MeshNode) string { return converged(c.Nodes(), mns, mode) })
+	if err != nil {
+		return took, fmt.Errorf("cluster did not converge to %s: %w", mode, err)
+	}
+	return took, nil
+}
+
+// WaitMeshNodes polls the MeshNodes until check says nothing is missing (it returns "") and
+// returns how long that took; after timeout the error quotes check's last answer.
+func (c *Cluster) WaitMeshNodes(ctx context.Context, timeout time.Duration, check func([]v1alpha1.MeshNode) string) (time.Duration, error) {
 	start := time.Now()
 	var last string
 	err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, timeout, true, func(ctx context.Context) (bool, error) {
@@ -547,11 +557,11 @@ func (c *Cluster) WaitConverged(ctx context.Context, mode v1alpha1.EncryptionMod
 			last = err.Error()
 			return false, nil
 		}
-		last = converged(c.Nodes(), mns, mode)
+		last = check(mns)
 		return last == "", nil
 	})
 	if err != nil {
-		return time.Since(start), fmt.Errorf("cluster did not converge to %s in %s: %s", mode, timeout, last)
+		return time.Since(start), fmt.Errorf("not within %s: %s", timeout, last)
 	}
 	return time.Since(start), nil
 }

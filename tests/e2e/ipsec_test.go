@@ -99,26 +99,16 @@ func setIPsec(ctx context.Context, t testing.TB, c *cluster.Cluster, strict bool
 	}
 }
 
-// waitMeshNodes polls the MeshNodes until ok says nothing is missing ("" means done) and
-// returns how long that took.
+// waitMeshNodes is cluster.WaitMeshNodes that fails t, with the agents' logs, when ok does
+// not hold in time.
 func waitMeshNodes(ctx context.Context, t *testing.T, c *cluster.Cluster, what string, timeout time.Duration, ok func([]v1alpha1.MeshNode) string) time.Duration {
 	t.Helper()
-	start := time.Now()
-	var last string
-	err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, timeout, true, func(ctx context.Context) (bool, error) {
-		mns, err := c.MeshNodes(ctx)
-		if err != nil {
-			last = err.Error()
-			return false, nil
-		}
-		last = ok(mns)
-		return last == "", nil
-	})
+	took, err := c.WaitMeshNodes(ctx, timeout, ok)
 	if err != nil {
 		c.DumpLogs(t.Output(), 30)
-		t.Fatalf("%s: not within %s: %s", what, timeout, last)
+		t.Fatalf("%s: %v", what, err)
 	}
-	return time.Since(start)
+	return took
 }
 
 // ipsecConverged says what keeps the cluster's nodes from all encrypting to each other
