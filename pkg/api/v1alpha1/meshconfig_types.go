@@ -72,6 +72,7 @@ type MeshConfigStatus struct {
 }
 
 // MeshConfigSpec is the desired cluster-wide configuration.
+// +kubebuilder:validation:XValidation:rule="!has(self.remoteClusters) || self.remoteClusters.all(r, r.id != (has(self.cluster) ? self.cluster.id : 1) && r.name != (has(self.cluster) ? self.cluster.name : 'default'))",message="a remote cluster cannot have this cluster's name or ID"
 type MeshConfigSpec struct {
 	// Encryption selects how pod traffic between nodes is protected.
 	// +optional
@@ -79,6 +80,52 @@ type MeshConfigSpec struct {
 	// KeyRotation schedules and requests key rotations.
 	// +optional
 	KeyRotation *KeyRotationSpec `json:"keyRotation,omitempty"`
+	// Cluster names this cluster in a mesh of clusters. Unset: name "default", ID 1.
+	// Identities carry the ID (clusterID<<16 | local), so every cluster of a mesh needs its
+	// own; agents read it when they start.
+	// +optional
+	Cluster *ClusterSpec `json:"cluster,omitempty"`
+	// RemoteClusters are the other clusters of the mesh: agents import their MeshNodes and
+	// MeshIdentities and encrypt pod traffic to their nodes. `meshcrypt clustermesh connect`
+	// fills it in.
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=254
+	// +kubebuilder:validation:XValidation:rule="self.all(r, self.exists_one(o, o.id == r.id))",message="remote cluster IDs must be unique"
+	// +optional
+	RemoteClusters []RemoteCluster `json:"remoteClusters,omitempty"`
+}
+
+// ClusterSpec names a cluster.
+type ClusterSpec struct {
+	// Name is the cluster's name, a DNS label: the value of the meshcrypt.io/cluster label
+	// policies select by.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	Name string `json:"name"`
+	// ID is the cluster's number in the mesh, 1-255, unique across the mesh.
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=255
+	ID int32 `json:"id"`
+}
+
+// RemoteCluster is another cluster of the mesh.
+type RemoteCluster struct {
+	// Name is the remote cluster's name (its MeshConfig spec.cluster.name).
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	Name string `json:"name"`
+	// ID is the remote cluster's ID (its MeshConfig spec.cluster.id).
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=255
+	ID int32 `json:"id"`
+	// SecretName is a Secret in the agents' namespace whose key "kubeconfig" reaches the
+	// remote API server with read-only rights on MeshNodes and MeshIdentities.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	SecretName string `json:"secretName"`
 }
 
 // AllNodes names every node in a rotation request.
@@ -116,6 +163,9 @@ type RotationRequest struct {
 	// +optional
 	RequestedBy string `json:"requestedBy,omitempty"`
 }
+
+// RemoteKubeconfigKey is the key of a remote cluster's Secret that holds the kubeconfig.
+const RemoteKubeconfigKey = "kubeconfig"
 
 // EncryptionSpec selects the encryption mode.
 // +kubebuilder:validation:XValidation:rule="!has(self.strict) || !self.strict || self.mode != 'Disabled'",message="strict needs an encryption mode"

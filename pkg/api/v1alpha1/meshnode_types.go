@@ -80,6 +80,12 @@ type MeshNodeSpec struct {
 	// +kubebuilder:validation:MaxLength=64
 	// +optional
 	BootID string `json:"bootID,omitempty"`
+	// HealthIPs are the addresses of the node's health endpoint, one per pod CIDR family:
+	// `meshcrypt verify` probes travel between health endpoints as pod traffic does.
+	// +kubebuilder:validation:MaxItems=2
+	// +listType=set
+	// +optional
+	HealthIPs []IP `json:"healthIPs,omitempty"`
 }
 
 // WireGuardSpec is a node's WireGuard endpoint.

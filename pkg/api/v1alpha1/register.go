@@ -21,6 +21,7 @@ func addKnownTypes(s *runtime.Scheme) error {
 		&MeshNode{}, &MeshNodeList{},
 		&MeshIdentity{}, &MeshIdentityList{},
 		&MeshPolicy{}, &MeshPolicyList{},
+		&MeshVerification{}, &MeshVerificationList{},
 	)
 	metav1.AddToGroupVersion(s, GroupVersion)
 	return nil
