@@ -86,6 +86,24 @@ type MeshNodeSpec struct {
 	// +listType=set
 	// +optional
 	HealthIPs []IP `json:"healthIPs,omitempty"`
+	// Endpoints are the node's pods' addresses with their identities, for the agents of
+	// other clusters in the mesh, which see this cluster's MeshNodes and MeshIdentities but
+	// not its pods.
+	// +kubebuilder:validation:MaxItems=4096
+	// +listType=map
+	// +listMapKey=ip
+	// +optional
+	Endpoints []Endpoint `json:"endpoints,omitempty"`
+}
+
+// Endpoint is a pod address and its identity.
+type Endpoint struct {
+	// IP is the pod's address.
+	IP IP `json:"ip"`
+	// Identity is the pod's numeric identity (a MeshIdentity's name).
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=16777215
+	Identity int64 `json:"identity"`
 }
 
 // WireGuardSpec is a node's WireGuard endpoint.
@@ -160,6 +178,55 @@ type MeshNodeStatus struct {
 	// IPsec is the state of the node's ESP states in mode IPsec.
 	// +optional
 	IPsec *IPsecStatus `json:"ipsec,omitempty"`
+	// RemoteClusters is the node's view of each remote cluster of the mesh.
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=254
+	// +optional
+	RemoteClusters []RemoteClusterStatus `json:"remoteClusters,omitempty"`
+}
+
+// RemoteClusterState is how a node sees a remote cluster.
+// +kubebuilder:validation:Enum=Connected;Unreachable;Refused
+type RemoteClusterState string
+
+// The remote cluster states.
+const (
+	// RemoteConnected: the remote API server answers and its MeshNodes are imported.
+	RemoteConnected RemoteClusterState = "Connected"
+	// RemoteUnreachable: the remote API server does not answer (or the kubeconfig is
+	// missing or wrong); the nodes imported before stay configured.
+	RemoteUnreachable RemoteClusterState = "Unreachable"
+	// RemoteRefused: the remote announces something this node will not route (a pod CIDR
+	// overlapping a local or another remote one); the message says what.
+	RemoteRefused RemoteClusterState = "Refused"
+)
+
+// RemoteClusterStatus is a node's view of one remote cluster.
+type RemoteClusterStatus struct {
+	// Name is the remote cluster's name in MeshConfig.
+	Name string `json:"name"`
+	// State is Connected, Unreachable or Refused.
+	State RemoteClusterState `json:"state"`
+	// Message says why a remote is Unreachable or Refused.
+	// +kubebuilder:validation:MaxLength=1024
+	// +optional
+	Message string `json:"message,omitempty"`
+	// Nodes counts the remote MeshNodes imported; NodesRefused those refused (overlapping
+	// pod CIDRs).
+	// +optional
+	Nodes int32 `json:"nodes,omitempty"`
+	// +optional
+	NodesRefused int32 `json:"nodesRefused,omitempty"`
+	// Identities counts the remote MeshIdentities imported.
+	// +optional
+	Identities int32 `json:"identities,omitempty"`
+	// PeersReady counts the remote nodes configured as peers with their current key.
+	// +optional
+	PeersReady int32 `json:"peersReady,omitempty"`
+	// LastSync is when the node last heard from the remote API server.
+	// +optional
+	LastSync *metav1.Time `json:"lastSync,omitempty"`
 }
 
 // IPsecStatus is the state of a node's IPsec data path.
@@ -188,7 +255,7 @@ type IPsecStatus struct {
 // PeerStatus is the state of one peer: a WireGuard peer as the node's device reports it, or
 // in mode IPsec a node this node encrypts to.
 type PeerStatus struct {
-	// Node is the peer's node name.
+	// Node is the peer's node name; a remote cluster's node is named cluster/node.
 	Node string `json:"node"`
 	// PublicKey is the WireGuard public key the peer is configured with.
 	// +optional
