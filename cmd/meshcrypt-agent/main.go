@@ -137,6 +137,7 @@ func newRootCmd() *cobra.Command {
 	f.DurationVar(&opts.IdentityGCInterval, "identity-gc-interval", 0, "how often unused identities are looked for (default 1m)")
 	f.StringVar(&opts.Namespace, "namespace", envOr("POD_NAMESPACE", "meshcrypt"), "the agent's namespace: identity GC lease and IPsec keyring Secret (default $POD_NAMESPACE, else meshcrypt)")
 	f.StringVar(&opts.FIPSPath, "fips-path", "/proc/sys/crypto/fips_enabled", "file holding the kernel's FIPS flag (1: refuse WireGuard and unapproved IPsec keys)")
+	f.BoolVar(&opts.NoHealthEndpoint, "no-health-endpoint", false, "put no health endpoint (the highest address but one of each pod CIDR) on lo; meshcrypt verify then fails for this node")
 	cmd.AddCommand(newDeviceCmd(&lf))
 	return cmd
 }

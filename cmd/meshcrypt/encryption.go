@@ -97,23 +97,32 @@ func setMode(ctx context.Context, g *globals, out io.Writer, mode v1alpha1.Encry
 		return err
 	}
 	var previous v1alpha1.EncryptionMode
+	by := whoAmI(ctx, g)
+	change := ""
 	err = updateMeshConfig(ctx, c, func(mc *v1alpha1.MeshConfig) error {
 		previous = mc.Spec.Encryption.Mode
 		if previous == "" { // none yet: agents treat a missing MeshConfig as Disabled
 			previous = v1alpha1.ModeDisabled
 		}
+		change = fmt.Sprintf("encryption mode %s -> %s", previous, mode)
+		if strict {
+			change += " (strict)"
+		}
 		mc.Spec.Encryption.Mode = mode
 		mc.Spec.Encryption.Strict = strict
+		if mc.Annotations == nil {
+			mc.Annotations = map[string]string{}
+		}
+		mc.Annotations[v1alpha1.AnnotationChangedBy] = by
+		mc.Annotations[v1alpha1.AnnotationChangedAt] = time.Now().UTC().Format(time.RFC3339)
+		mc.Annotations[v1alpha1.AnnotationChange] = change
 		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("set MeshConfig %s mode %s: %w", v1alpha1.MeshConfigName, mode, err)
 	}
-	if strict {
-		fmt.Fprintf(out, "encryption mode %s -> %s (strict)\n", previous, mode)
-	} else {
-		fmt.Fprintf(out, "encryption mode %s -> %s\n", previous, mode)
-	}
+	fmt.Fprintln(out, change)
+	recordChange(ctx, c, out, "EncryptionModeChanged", change+byWhom(by))
 	if !wf.wait {
 		return nil
 	}

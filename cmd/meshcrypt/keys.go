@@ -68,7 +68,7 @@ than DURATION by themselves (0 turns it off).`,
 				if node != "" || all {
 					return errors.New("--every schedules rotation; it does not combine with --node or --all")
 				}
-				return setEvery(ctx, c, out, every)
+				return setEvery(ctx, c, out, every, whoAmI(ctx, g))
 			}
 			var mc v1alpha1.MeshConfig
 			if err := c.Get(ctx, client.ObjectKey{Name: v1alpha1.MeshConfigName}, &mc); err != nil && !apierrors.IsNotFound(err) {
@@ -177,7 +177,7 @@ func updateMeshConfig(ctx context.Context, c client.Client, change func(*v1alpha
 }
 
 // setEvery sets (or, with 0, clears) automatic rotation.
-func setEvery(ctx context.Context, c client.Client, out io.Writer, every time.Duration) error {
+func setEvery(ctx context.Context, c client.Client, out io.Writer, every time.Duration, by string) error {
 	if every < 0 {
 		return fmt.Errorf("--every %s: must not be negative", every)
 	}
@@ -197,11 +197,12 @@ func setEvery(ctx context.Context, c client.Client, out io.Writer, every time.Du
 	if err != nil {
 		return fmt.Errorf("set MeshConfig keyRotation.every: %w", err)
 	}
-	if every == 0 {
-		fmt.Fprintln(out, "automatic key rotation off")
-	} else {
-		fmt.Fprintf(out, "keys rotate automatically every %s\n", every)
+	msg := "automatic key rotation off"
+	if every > 0 {
+		msg = fmt.Sprintf("keys rotate automatically every %s", every)
 	}
+	fmt.Fprintln(out, msg)
+	recordChange(ctx, c, out, "KeyRotationScheduled", msg+byWhom(by))
 	return nil
 }
 
@@ -265,6 +266,7 @@ func rotateWireGuard(ctx context.Context, g *globals, c client.Client, out io.Wr
 		what = "node " + target + "'s WireGuard key"
 	}
 	fmt.Fprintf(out, "rotation of %s requested\n", what)
+	recordChange(ctx, c, out, "KeyRotationRequested", "rotation of "+what+" requested"+byWhom(by))
 	if !wf.wait {
 		return nil
 	}
@@ -356,6 +358,7 @@ func rotateIPsec(ctx context.Context, g *globals, c client.Client, out io.Writer
 		return err
 	}
 	fmt.Fprintf(out, "IPsec key with SPI %d added to %s/%s; nodes switch to it once every node has installed it\n", next, namespace, ipsec.SecretName)
+	recordChange(ctx, c, out, "KeyRotationRequested", fmt.Sprintf("IPsec key with SPI %d added to the keyring%s", next, byWhom(by)))
 	if !wf.wait {
 		return nil
 	}

@@ -120,6 +120,7 @@ permissions).`,
 	cmd.AddCommand(newStatusCmd(g), newEncryptionCmd(g), newIdentitiesCmd(g), newPolicyCmd(g))
 	cmd.AddCommand(newMonitorCmd(g))
 	cmd.AddCommand(newKeysCmd(g))
+	cmd.AddCommand(newVerifyCmd(g))
 	return cmd
 }
 

@@ -96,6 +96,9 @@ type Options struct {
 	IdentityGCGrace, IdentityGCInterval time.Duration
 	// Flows configure the flow events served on /flows (flows.go).
 	Flows FlowOptions
+	// NoHealthEndpoint leaves out the health endpoint (the highest address but one of each
+	// pod CIDR, on lo), and with it `meshcrypt verify` (verify.go).
+	NoHealthEndpoint bool
 	// Logger receives the agent's logs; nil discards them.
 	Logger *slog.Logger
 }
@@ -166,6 +169,11 @@ type Agent struct {
 	refusedMode v1alpha1.EncryptionMode
 	underlayMTU int
 	underlay6   bool
+
+	// Verification (verify.go).
+	underlay []netip.Addr
+	health   []netip.Addr
+	verify   verifier
 }
 
 // New checks opts and returns an Agent. It does no I/O.
@@ -295,6 +303,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.underlayMTU, a.underlay6 = underlayMTU, local.Underlay[0].Is6()
+	a.underlay = local.Underlay
+	if !a.opts.NoHealthEndpoint {
+		a.health = healthAddrs(local.PodCIDRs)
+		if err := datapath.ApplyHealth(h, a.health); err != nil {
+			return err
+		}
+	}
 	a.ips.x = ipsec.NewXFRM(h, ipsec.XFRMOptions{Logger: a.log})
 	a.mtu = wireguard.TunnelMTU(underlayMTU)
 	if a.mtu == 0 {
@@ -494,6 +509,16 @@ func (a *Agent) startCache(ctx context.Context) error {
 		if _, err := inf.AddEventHandler(handler); err != nil {
 			return fmt.Errorf("watch %T: %w", obj, err)
 		}
+	}
+	vInf, err := c.GetInformer(ctx, &v1alpha1.MeshVerification{})
+	if err != nil {
+		return fmt.Errorf("informer for MeshVerifications: %w", err)
+	}
+	if _, err := vInf.AddEventHandler(toolscache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { a.onVerification(ctx, obj) },
+		UpdateFunc: func(_, obj any) { a.onVerification(ctx, obj) },
+	}); err != nil {
+		return fmt.Errorf("watch MeshVerifications: %w", err)
 	}
 	go func() {
 		if err := c.Start(ctx); err != nil {
@@ -739,9 +764,14 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	}
 	a.refused, a.refusedMode = refused, mode
 	if a.applied != mode {
-		a.log.Info("encryption mode applied", "mode", mode, "peers", len(a.peers), "strict", strict)
+		by, at := mc.Annotations[v1alpha1.AnnotationChangedBy], mc.Annotations[v1alpha1.AnnotationChangedAt]
+		a.log.Info("encryption mode applied", "mode", mode, "was", a.applied, "peers", len(a.peers), "strict", strict, "changed_by", by, "changed_at", at)
 		if a.applied != "" {
-			a.recorder.Eventf(a.meshNodeRef(), corev1.EventTypeNormal, "ModeApplied", "node %s applied encryption mode %s (was %s)", a.opts.NodeName, mode, a.applied)
+			who := ""
+			if by != "" {
+				who = fmt.Sprintf(", changed by %s at %s", by, at)
+			}
+			a.recorder.Eventf(a.meshNodeRef(), corev1.EventTypeNormal, "ModeApplied", "node %s applied encryption mode %s (was %s%s)", a.opts.NodeName, mode, a.applied, who)
 		}
 		a.applied = mode
 	}
@@ -799,6 +829,9 @@ func (a *Agent) meshNodeRef() *v1alpha1.MeshNode {
 // still holds the states the previous process installed, so their SPIs stay announced.
 func (a *Agent) publishSpec(ctx context.Context, node *corev1.Node, local localNode, nodes []v1alpha1.MeshNode, ipsecOn bool) error {
 	want := meshNodeSpec(local, a.key.PublicKey(), a.opts.WireGuard.ListenPort, a.bootID)
+	for _, h := range a.health {
+		want.HealthIPs = append(want.HealthIPs, v1alpha1.IP(h.String()))
+	}
 	if !a.keyCreated.IsZero() {
 		created := metav1.NewMicroTime(a.keyCreated.Truncate(time.Microsecond))
 		want.WireGuard.KeyCreated = &created

@@ -559,8 +559,6 @@ func TestClassifierAttachRawFrames(t *testing.T) {
 	waitCounter(t, c, ReasonDropMalformed, before[ReasonDropMalformed].Packets+uint64(len(frames)))
 }
 
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
-
 // TestClassifierChains: an allowed packet goes on to what is attached after the classifier
 // (a CNI's programs), it is not passed outright. A program that drops everything, attached
 // after the classifier, must see, and drop, the allowed datagram.

@@ -32,6 +32,7 @@ var e2eInVM = []string{
 	"TestFaults",
 	"TestIPsecEndToEnd",        // needs ESP: skips on the host
 	"TestWireGuardKeyRotation", // kernel WireGuard's handshakes after a key change
+	"TestVerify",               // meshcrypt verify with kernel WireGuard and with IPsec
 }
 
 // Time limits of TestE2EInVM. The e2e tests above take 1m45s to 2m30s in the VM under TCG

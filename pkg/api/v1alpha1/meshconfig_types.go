@@ -5,6 +5,15 @@ import metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 // MeshConfigName is the name of the one MeshConfig the agents read.
 const MeshConfigName = "default"
 
+// Annotations `meshcrypt encryption enable|disable` puts on the MeshConfig for the audit
+// trail: who changed the mode, when, and what the change was. The agents repeat them in
+// their ModeApplied Events and logs.
+const (
+	AnnotationChangedBy = "meshcrypt.io/changed-by"
+	AnnotationChangedAt = "meshcrypt.io/changed-at"
+	AnnotationChange    = "meshcrypt.io/change"
+)
+
 // EncryptionMode selects how pod traffic between nodes is protected.
 // +kubebuilder:validation:Enum=Disabled;WireGuard;IPsec
 type EncryptionMode string

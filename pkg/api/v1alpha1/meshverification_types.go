@@ -3,14 +3,15 @@ package v1alpha1
 import metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 // VerificationPhase is how far the agents have got with one pair of a MeshVerification.
-// +kubebuilder:validation:Enum=Listening;Complete
+// The destination's agent signals it listens by writing the pair's Destination; the phase
+// is the source's.
+// +kubebuilder:validation:Enum=Probing;Complete
 type VerificationPhase string
 
 // The phases of a pair.
 const (
-	// PhaseListening: the destination agent listens on its health endpoint and captures its
-	// underlay; the source agent may send.
-	PhaseListening VerificationPhase = "Listening"
+	// PhaseProbing: the source agent sends probes and captures its underlay.
+	PhaseProbing VerificationPhase = "Probing"
 	// PhaseComplete: the source agent has written the pair's verdict.
 	PhaseComplete VerificationPhase = "Complete"
 )
@@ -116,12 +117,14 @@ type MeshVerificationStatus struct {
 	Encrypted int32 `json:"encrypted,omitempty"`
 }
 
-// VerificationResult is the outcome for one pair.
+// VerificationResult is the outcome for one pair. The source's agent writes every field but
+// Destination, the destination's agent writes Destination.
 type VerificationResult struct {
 	// From and To name the pair.
 	From string `json:"from"`
 	To   string `json:"to"`
-	// Phase is Listening once the destination is ready, Complete once the verdict is in.
+	// Phase is Probing while the source sends, Complete once the verdict is in. The
+	// destination is ready to echo once Destination is set.
 	// +optional
 	Phase VerificationPhase `json:"phase,omitempty"`
 	// Verdict is the pair's outcome (with Phase Complete).
