@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -70,6 +69,25 @@ type Options struct {
 	// Start). This is how the e2e suites run in the VM (tests/vm) against the host's
 	// kube-apiserver.
 	Kubeconfig string
+
+	// Name is the cluster's name in a mesh of clusters (a DNS label): every agent gets
+	// --cluster-name, and SetMode writes it into MeshConfig spec.cluster. "" leaves both to
+	// their defaults (the agent's "default", no spec.cluster) unless ClusterID is set.
+	Name string
+	// ClusterID is the cluster's ID in a mesh (1-255): every agent gets --cluster-id, and
+	// SetMode writes it into MeshConfig spec.cluster. 0 leaves both to their defaults (1, no
+	// spec.cluster) unless Name is set.
+	ClusterID int
+	// Net is a topology to share with other clusters (cluster mesh tests): nodes and pods
+	// are created on it instead of on an underlay of the cluster's own, so node names must
+	// be unique across the clusters on it (AddNode refuses a taken one), while underlay
+	// addresses and pod CIDRs are unique by construction. Pass another cluster's Net, or
+	// use StartMeshT. A cluster only ever removes its own nodes from a shared topology; the
+	// topology itself is closed by the last of its clusters to close if a cluster created
+	// it, else by whoever created it (after the clusters: build it with PodMTU set to the
+	// clusters' PodMTU). Its IPv4Only and UnderlayMTU apply; options that contradict them
+	// are an error. nil: the cluster creates a topology of its own.
+	Net *netenv.Topology
 }
 
 // Cluster is a running test cluster.
@@ -97,9 +115,17 @@ type Cluster struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
+	// ownNet: Start created Net. mesh is the clusters sharing Net (see mesh.go), slot
+	// (guarded by meshes.mu) c's number among them.
+	ownNet bool
+	mesh   *mesh
+	slot   int
+
+	closeOnce sync.Once
+	closeErr  error
+
 	mu    sync.Mutex
 	nodes map[string]*Node
-	index int
 }
 
 // Node is one node: its namespace, Kubernetes Node and agent.
@@ -133,6 +159,19 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if err := opts.checkIdentity(); err != nil {
+		return nil, err
+	}
+	if opts.Net != nil {
+		no := opts.Net.Options()
+		if opts.UnderlayMTU != 0 && opts.UnderlayMTU != no.UnderlayMTU {
+			return nil, fmt.Errorf("options: underlay MTU %d, but the shared topology %s has %d", opts.UnderlayMTU, opts.Net.Prefix(), no.UnderlayMTU)
+		}
+		if opts.IPv4Only && !no.IPv4Only {
+			return nil, fmt.Errorf("options: IPv4Only, but the shared topology %s is dual stack", opts.Net.Prefix())
+		}
+		opts.UnderlayMTU, opts.IPv4Only = no.UnderlayMTU, no.IPv4Only
 	}
 	if opts.UnderlayMTU == 0 {
 		opts.UnderlayMTU = 1500
@@ -194,27 +233,29 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 			return nil, err
 		}
 	}
-	if c.Net, err = netenv.New(ctx, netenv.Options{
-		IPv4Only:    opts.IPv4Only,
-		UnderlayMTU: opts.UnderlayMTU,
-		PodMTU:      c.PodMTU(),
-		Logger:      log,
-	}); err != nil {
-		return nil, err
+	if opts.Net != nil {
+		c.Net = opts.Net
+	} else {
+		if c.Net, err = netenv.New(ctx, netenv.Options{
+			IPv4Only:    opts.IPv4Only,
+			UnderlayMTU: opts.UnderlayMTU,
+			PodMTU:      c.PodMTU(),
+			Logger:      log,
+		}); err != nil {
+			return nil, err
+		}
+		c.ownNet = true
 	}
-	// A bpffs of the cluster's own where agents pin classifier maps and links, as they would
-	// under /sys/fs/bpf (which `ip netns exec` hides by remounting /sys).
-	c.bpfDir = filepath.Join(BPFRoot, c.Net.Prefix())
-	if err := os.MkdirAll(c.bpfDir, 0o700); err != nil {
+	// The bpffs, WireGuard interface numbers and API forwarders shared with the other
+	// clusters on the topology, if any.
+	if err := c.joinMesh(c.ownNet); err != nil {
 		return nil, err
-	}
-	if err := unix.Mount("bpf", c.bpfDir, "bpf", 0, "mode=0700"); err != nil {
-		return nil, fmt.Errorf("mount bpffs on %s: %w", c.bpfDir, err)
 	}
 	return c, nil
 }
 
-// BPFRoot holds one bpffs mount per running cluster, named after its namespace prefix.
+// BPFRoot holds one bpffs mount per running topology (shared by the clusters on it), named
+// after its namespace prefix.
 const BPFRoot = "/run/meshcrypt-bpf"
 
 // UnmountBPF unmounts and removes a cluster's bpffs directory (pinned maps and links go with
@@ -307,15 +348,23 @@ func (c *Cluster) AddNode(ctx context.Context, name string) (*Node, error) {
 // AddNodeWithoutAgent is AddNode up to, not including, starting the agent: the node exists
 // for Kubernetes (Node object, pod CIDRs, namespaces and routes) but has announced nothing,
 // as a joining node does before its agent runs. StartAgent starts it.
-func (c *Cluster) AddNodeWithoutAgent(ctx context.Context, name string) (*Node, error) {
+//
+// On a topology shared with other clusters (Options.Net) the name must be unique across them.
+func (c *Cluster) AddNodeWithoutAgent(ctx context.Context, name string) (_ *Node, err error) {
+	if other, ok := c.otherOwner(name); ok {
+		return nil, fmt.Errorf("add node %s: cluster %q on the same topology has a node of that name "+
+			"(node names are unique across the clusters sharing a topology)", name, other)
+	}
 	nn, err := c.Net.AddNode(ctx, name)
 	if err != nil {
 		return nil, err
 	}
-	c.mu.Lock()
-	c.index++
-	idx := c.index
-	c.mu.Unlock()
+	defer func() {
+		if err != nil { // on a shared topology, Close would not remove it
+			_ = c.Net.RemoveNode(context.Background(), name)
+		}
+	}()
+	idx := c.nextIfaceIndex()
 	n := &Node{
 		Node:       nn,
 		c:          c,
@@ -333,9 +382,6 @@ func (c *Cluster) AddNodeWithoutAgent(ctx context.Context, name string) (*Node, 
 	if err := c.createNodeObject(ctx, nn); err != nil {
 		return nil, err
 	}
-	if err := c.forwardAPI(nn); err != nil {
-		return nil, err
-	}
 	token, err := AgentToken(ctx, c.kube, name)
 	if err != nil {
 		return nil, err
@@ -344,18 +390,16 @@ func (c *Cluster) AddNodeWithoutAgent(ctx context.Context, name string) (*Node, 
 	if err := c.writeNodeKubeconfig(n.Kubeconfig, fmt.Sprintf("https://127.0.0.1:%d", apiPortInNode), token); err != nil {
 		return nil, err
 	}
-	c.mu.Lock()
-	c.nodes[name] = n
-	c.mu.Unlock()
-	return n, nil
-}
-
-// forwardAPI makes the API server reachable at 127.0.0.1:6443 inside the node's namespace.
-func (c *Cluster) forwardAPI(nn *netenv.Node) error {
-	if _, err := nn.NS.ForwardTCP(c.ctx, net.JoinHostPort("127.0.0.1", strconv.Itoa(apiPortInNode)), c.apiAddr); err != nil {
-		return fmt.Errorf("forward API server into %s: %w", nn.Name, err)
+	// The API servers into the node: its own at 127.0.0.1:6443, those of other clusters on
+	// the topology at their ports (APIServerURLFor).
+	if err := c.forwardAPIs(nn, func() {
+		c.mu.Lock()
+		c.nodes[name] = n
+		c.mu.Unlock()
+	}); err != nil {
+		return nil, err
 	}
-	return nil
+	return n, nil
 }
 
 // newBootID writes a fresh random boot ID for the node.
@@ -405,7 +449,7 @@ func (c *Cluster) RebootNode(ctx context.Context, name string) (*Node, error) {
 	if err := n.newBootID(); err != nil {
 		return nil, err
 	}
-	if err := c.forwardAPI(nn); err != nil {
+	if err := c.forwardAPIs(nn, nil); err != nil {
 		return nil, err
 	}
 	return n, n.StartAgent()
@@ -510,7 +554,8 @@ func (c *Cluster) RemoveNode(ctx context.Context, name string) error {
 	return errors.Join(errs...)
 }
 
-// SetMode creates or updates the MeshConfig with the encryption mode.
+// SetMode creates or updates the MeshConfig with the encryption mode and, when Options.Name
+// or Options.ClusterID is set, spec.cluster {Name(), ClusterID()}.
 func (c *Cluster) SetMode(ctx context.Context, mode v1alpha1.EncryptionMode) error {
 	var mc v1alpha1.MeshConfig
 	err := c.Client.Get(ctx, client.ObjectKey{Name: v1alpha1.MeshConfigName}, &mc)
@@ -518,12 +563,22 @@ func (c *Cluster) SetMode(ctx context.Context, mode v1alpha1.EncryptionMode) err
 	case apierrors.IsNotFound(err):
 		mc = v1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: v1alpha1.MeshConfigName}}
 		mc.Spec.Encryption.Mode = mode
+		c.setClusterSpec(&mc)
 		return c.Client.Create(ctx, &mc)
 	case err != nil:
 		return err
 	}
 	mc.Spec.Encryption.Mode = mode
+	c.setClusterSpec(&mc)
 	return c.Client.Update(ctx, &mc)
+}
+
+// setClusterSpec sets mc's spec.cluster to the cluster's identity, if the options name one.
+func (c *Cluster) setClusterSpec(mc *v1alpha1.MeshConfig) {
+	if c.opts.Name == "" && c.opts.ClusterID == 0 {
+		return
+	}
+	mc.Spec.Cluster = &v1alpha1.ClusterSpec{Name: c.Name(), ID: int32(c.ClusterID())}
 }
 
 // MeshNodes lists the MeshNodes.
@@ -656,7 +711,8 @@ func (n *Node) StartAgent() error {
 		"--status-period", "1s",
 		"--bpf-pin-dir", n.c.bpfDir,
 		"--boot-id-file", n.BootIDPath,
-	}, n.c.opts.AgentArgs...)
+	}, n.c.identityArgs()...)
+	args = append(args, n.c.opts.AgentArgs...)
 	if n.c.opts.Backend != "" {
 		args = append(args, "--wireguard-backend", n.c.opts.Backend)
 	}
@@ -766,27 +822,68 @@ func (c *Cluster) DumpLogs(w io.Writer, lines int) {
 	}
 }
 
-// Close stops every agent and device, deletes every namespace, stops the control plane (its
-// own: an external one runs on, with the cluster's objects still in it; see Start) and
-// removes the temporary directory. It is idempotent.
+// identityArgs are the agent flags of Options.Name and Options.ClusterID, if set.
+func (c *Cluster) identityArgs() []string {
+	var args []string
+	if c.opts.Name != "" {
+		args = append(args, "--cluster-name", c.opts.Name)
+	}
+	if c.opts.ClusterID != 0 {
+		args = append(args, "--cluster-id", strconv.Itoa(c.opts.ClusterID))
+	}
+	return args
+}
+
+// Close stops every agent and device, deletes the cluster's namespaces, stops the control
+// plane (its own: an external one runs on, with the cluster's objects still in it; see Start)
+// and removes the temporary directory. On a topology shared with other clusters it removes
+// only its own nodes (and its API server's forwarders in theirs); the last cluster to close
+// closes the topology if a cluster created it, and unmounts the shared bpffs. It is
+// idempotent.
 func (c *Cluster) Close() error {
+	c.closeOnce.Do(func() { c.closeErr = c.close() })
+	return c.closeErr
+}
+
+func (c *Cluster) close() error {
 	var errs []error
 	nodes := c.Nodes()
 	for _, n := range nodes {
 		errs = append(errs, n.StopAgent())
 	}
 	if c.cancel != nil {
-		c.cancel()
+		c.cancel() // also the forwarders to this API server in other clusters' nodes
 	}
 	if c.Net != nil {
-		errs = append(errs, c.Net.Close())
+		closeNet, bpfDir := c.ownNet, "" // not in a mesh: Start failed before it joined one
+		if m := c.mesh; m != nil {
+			last := c.leaveMesh()
+			closeNet = last && m.created
+			if last {
+				bpfDir = m.bpfDir
+			}
+		}
+		if closeNet {
+			errs = append(errs, c.Net.Close())
+		} else {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			for _, n := range nodes {
+				if c.Net.Node(n.Name) == nil {
+					continue // a reboot that failed half-way removed it
+				}
+				if err := c.Net.RemoveNode(ctx, n.Name); err != nil && !errors.Is(err, netenv.ErrClosed) {
+					errs = append(errs, err)
+				}
+			}
+			cancel()
+		}
+		if bpfDir != "" {
+			errs = append(errs, UnmountBPF(bpfDir))
+		}
 	}
 	// Killed userspace devices leave their UAPI socket files (a global path) behind.
 	for _, n := range nodes {
 		_ = os.Remove(wireguard.UAPISocketPath(n.Iface))
-	}
-	if c.bpfDir != "" {
-		errs = append(errs, UnmountBPF(c.bpfDir))
 	}
 	if c.CP != nil {
 		errs = append(errs, c.CP.Stop())

@@ -24,4 +24,22 @@
 // no cluster depends on its predecessor having cleaned up. A test that stops or restarts the
 // control plane calls NeedOwnControlPlane, which skips it against an external one: it is not
 // the test's to stop, and it runs where the cluster starts its own (the host's e2e run).
+//
+// # Several clusters on one underlay (cluster mesh)
+//
+// Clusters can share one topology (Options.Net, or StartMeshT): one switch, so every node of
+// every cluster has host-gateway routes to every other's pod CIDRs (mode Disabled between
+// clusters is clear traffic on the underlay), while each cluster has its own control plane,
+// agents, kubeconfigs, state dirs and logs. Underlay addresses and pod CIDRs never collide
+// (the topology numbers nodes across clusters), nor do WireGuard interface names (numbered
+// across the topology: UAPI sockets are host-global) or BPF pin dirs (one bpffs per topology,
+// a directory per node). Node names are the topology's, so they must be unique across the
+// clusters: AddNode refuses a name another cluster has, naming it. Inside every node, its own
+// cluster's API server answers at 127.0.0.1:6443 and each other cluster's at the address
+// APIServerURLFor gives (127.0.0.1:6443+n for the n-th cluster to join); KubeconfigFor builds
+// a kubeconfig for that address, MergedKubeconfig one admin kubeconfig with a context per
+// cluster (named after Options.Name). Options.Name and Options.ClusterID give each cluster
+// its identity (agent flags and MeshConfig spec.cluster). A cluster's Close removes only its
+// own nodes from a shared topology; the last one closes the topology (if a cluster created
+// it) and the bpffs, whatever the order.
 package cluster

@@ -125,6 +125,28 @@ func (c *Cluster) writeNodeKubeconfig(path, server, token string) error {
 	if c.ext == nil {
 		return c.CP.WriteKubeconfig(path, server, token)
 	}
+	if err := clientcmd.WriteToFile(*c.extKubeconfig(server, token), path); err != nil {
+		return fmt.Errorf("write kubeconfig %s: %w", path, err)
+	}
+	return nil
+}
+
+// kubeconfigBytes returns a kubeconfig (YAML) reaching the API server at server (a forwarder)
+// with token: the own control plane's CA, or the external one's cluster entry.
+func (c *Cluster) kubeconfigBytes(server, token string) ([]byte, error) {
+	if c.ext == nil {
+		return c.CP.Kubeconfig(server, token)
+	}
+	b, err := clientcmd.Write(*c.extKubeconfig(server, token))
+	if err != nil {
+		return nil, fmt.Errorf("encode kubeconfig: %w", err)
+	}
+	return b, nil
+}
+
+// extKubeconfig is a kubeconfig for the external control plane at server (a forwarder) with
+// token.
+func (c *Cluster) extKubeconfig(server, token string) *clientcmdapi.Config {
 	cl := c.ext.cluster.DeepCopy()
 	cl.Server = server
 	if cl.TLSServerName == "" {
@@ -139,10 +161,7 @@ func (c *Cluster) writeNodeKubeconfig(path, server, token string) error {
 	cfg.AuthInfos[name] = &clientcmdapi.AuthInfo{Token: token}
 	cfg.Contexts[name] = &clientcmdapi.Context{Cluster: name, AuthInfo: name}
 	cfg.CurrentContext = name
-	if err := clientcmd.WriteToFile(*cfg, path); err != nil {
-		return fmt.Errorf("write kubeconfig %s: %w", path, err)
-	}
-	return nil
+	return cfg
 }
 
 // adminToken returns the admin's bearer token: the own control plane's, or the one the
