@@ -121,6 +121,7 @@ permissions).`,
 	cmd.AddCommand(newMonitorCmd(g))
 	cmd.AddCommand(newKeysCmd(g))
 	cmd.AddCommand(newVerifyCmd(g))
+	cmd.AddCommand(newClustermeshCmd(g))
 	return cmd
 }
 
