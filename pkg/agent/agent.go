@@ -170,6 +170,11 @@ type Agent struct {
 	underlayMTU int
 	underlay6   bool
 
+	// Cluster mesh (clustermesh.go).
+	mesh         meshState
+	endpoints    []v1alpha1.Endpoint              // published in spec.endpoints
+	remoteStatus []v1alpha1.RemoteClusterStatus // published in status.remoteClusters
+
 	// Verification (verify.go).
 	underlay []netip.Addr
 	health   []netip.Addr
@@ -339,6 +344,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	defer ns.Close()
 	a.netns = datapath.Netns{Handle: h, NS: ns}
+	a.clusterFromConfig(ctx)
 	a.alloc = identity.NewAllocator(identitykube.NewStore(a.client), identity.AllocatorOptions{
 		Cluster: a.opts.ClusterID, Watched: true, Logger: a.log,
 	})
@@ -391,7 +397,13 @@ func (a *Agent) ensureDevice(ctx context.Context) error {
 // applyDevice applies cfg; when the device has vanished (its userspace process died, its link
 // was deleted) it recreates it and applies again.
 func (a *Agent) applyDevice(ctx context.Context, cfg wireguard.Config) (wireguard.PlanStats, error) {
-	st, err := a.applyPrompt(ctx, cfg)
+	return a.applyDeviceFrom(ctx, cfg, nil)
+}
+
+// applyDeviceFrom is applyDevice for a caller that has just read the device: cur is that read
+// (nil: none), so applying needs no second read of every peer.
+func (a *Agent) applyDeviceFrom(ctx context.Context, cfg wireguard.Config, cur *wgtypes.Device) (wireguard.PlanStats, error) {
+	st, err := a.applyPrompt(ctx, cfg, cur)
 	if !errors.Is(err, wireguard.ErrDeviceGone) {
 		return st, err
 	}
@@ -400,7 +412,7 @@ func (a *Agent) applyDevice(ctx context.Context, cfg wireguard.Config) (wireguar
 	if err := a.ensureDevice(ctx); err != nil {
 		return st, err
 	}
-	return a.applyPrompt(ctx, cfg)
+	return a.applyPrompt(ctx, cfg, nil)
 }
 
 // promptKeepalive is set, for one configuration call, on peers new to the device: WireGuard
@@ -415,17 +427,21 @@ const promptKeepalive = 25 * time.Second
 // prompts a handshake with every peer it adds. Not otherwise: prompting a peer that has not
 // configured this node yet (everyone enabling at once) only gets the initiation dropped and
 // retried seconds later, where a data packet would have started it in time.
-func (a *Agent) applyPrompt(ctx context.Context, cfg wireguard.Config) (wireguard.PlanStats, error) {
+//
+// cur is the device as the caller has just read it; nil reads it here when needed.
+func (a *Agent) applyPrompt(ctx context.Context, cfg wireguard.Config, cur *wgtypes.Device) (wireguard.PlanStats, error) {
 	if (!a.promptNext && len(a.promptKeys) == 0) || len(cfg.Peers) == 0 {
-		st, err := a.dev.Apply(ctx, cfg)
+		st, err := a.applyWireGuard(ctx, cfg)
 		if err == nil {
 			a.promptNext, a.promptKeys = false, nil
 		}
 		return st, err
 	}
-	cur, err := a.dev.Device(ctx)
-	if err != nil {
-		return wireguard.PlanStats{}, err
+	if cur == nil {
+		var err error
+		if cur, err = a.dev.Device(ctx); err != nil {
+			return wireguard.PlanStats{}, err
+		}
 	}
 	have := make(map[wgtypes.Key]bool, len(cur.Peers))
 	for _, p := range cur.Peers {
@@ -441,7 +457,7 @@ func (a *Agent) applyPrompt(ctx context.Context, cfg wireguard.Config) (wireguar
 			n++
 		}
 	}
-	st, err := a.dev.Apply(ctx, prompted)
+	st, err := a.applyWireGuard(ctx, prompted)
 	if err != nil {
 		return st, err
 	}
@@ -450,7 +466,7 @@ func (a *Agent) applyPrompt(ctx context.Context, cfg wireguard.Config) (wireguar
 		return st, nil
 	}
 	// Back to no keepalive: the handshake is under way.
-	_, err = a.dev.Apply(ctx, cfg)
+	_, err = a.applyWireGuard(ctx, cfg)
 	return st, err
 }
 
@@ -616,18 +632,29 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		return fmt.Errorf("get MeshConfig: %w", err)
 	}
 
+	// The MeshNodes and Nodes are read straight from the informer cache, not deep-copied (one
+	// copy of every object per reconcile was a fifth of a reconcile's CPU at 5000 nodes): they
+	// are read-only here and in everything they are passed to.
 	var list v1alpha1.MeshNodeList
-	if err := a.cache.List(ctx, &list); err != nil {
+	if err := a.cache.List(ctx, &list, client.UnsafeDisableDeepCopy); err != nil {
 		return fmt.Errorf("list MeshNodes: %w", err)
 	}
 	if err := a.rotateIfDue(ctx, mc.Spec.KeyRotation); err != nil {
 		return err
 	}
+	if len(mc.Spec.RemoteClusters) > 0 || len(a.mesh.remotes) > 0 {
+		a.syncRemotes(ctx, &mc)
+	}
+	remote := a.remoteSnapshot(ctx)
+	// This cluster's nodes and the remote clusters' (named cluster/node): peers, routes
+	// and the ipcache take both; IPsec, the identity of this node and status take only
+	// this cluster's.
+	allNodes := append(slices.Clip(list.Items), remote.nodes...)
 	if err := a.publishSpec(ctx, &node, local, list.Items, mode == v1alpha1.ModeIPsec && a.refused == nil); err != nil {
 		return err
 	}
 	var k8sNodes corev1.NodeList
-	if err := a.cache.List(ctx, &k8sNodes); err != nil {
+	if err := a.cache.List(ctx, &k8sNodes, client.UnsafeDisableDeepCopy); err != nil {
 		return fmt.Errorf("list nodes: %w", err)
 	}
 	assigned := make(map[string][]netip.Prefix, len(k8sNodes.Items))
@@ -638,7 +665,14 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		}
 		assigned[k8sNodes.Items[i].Name] = append([]netip.Prefix{}, ln.PodCIDRs...)
 	}
-	peers, skips := peersFromMeshNodes(a.opts.NodeName, local, list.Items, assigned)
+	peers, skips := peersFromMeshNodes(a.opts.NodeName, local, allNodes, assigned)
+	var peerNames []string
+	if mode == v1alpha1.ModeWireGuard {
+		for _, p := range peers {
+			peerNames = append(peerNames, p.Name)
+		}
+	}
+	a.remoteStatus = remoteStatuses(remote, peerNames, skips)
 	if mode != v1alpha1.ModeWireGuard {
 		skips = nil // WireGuard's refusals do not concern the other modes
 	}
@@ -655,11 +689,22 @@ func (a *Agent) reconcile(ctx context.Context) error {
 
 	cfg := wireguard.Config{PrivateKey: a.key, ListenPort: a.opts.WireGuard.ListenPort}
 	route := a.routeConfig()
-	plan, err := a.planPolicy(ctx)
+	plan, err := a.planPolicy(ctx, remote.identities)
 	if err != nil {
 		return err
 	}
 	plan.assigned = assigned
+	var eps []v1alpha1.Endpoint
+	if len(mc.Spec.RemoteClusters) > 0 { // only other clusters read them
+		eps = localEndpoints(a.opts.NodeName, plan.pods)
+	}
+	plan.pods = append(plan.pods, remote.pods...)
+	if !equality.Semantic.DeepEqual(eps, a.endpoints) {
+		a.endpoints = eps
+		if err := a.publishSpec(ctx, &node, local, list.Items, mode == v1alpha1.ModeIPsec && a.refused == nil); err != nil {
+			return err
+		}
+	}
 	strict := mode != v1alpha1.ModeDisabled && mc.Spec.Encryption.Strict
 	var refused *refusal
 	if mode == v1alpha1.ModeWireGuard && a.fipsMode() {
@@ -696,21 +741,23 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		if err != nil && !errors.Is(err, wireguard.ErrDeviceGone) {
 			return fmt.Errorf("read WireGuard device: %w", err)
 		}
-		if err := a.applyPolicy(ctx, plan, list.Items, stillReady(cur, peers)); err != nil {
+		if err := a.applyPolicy(ctx, plan, allNodes, stillReady(cur, peers)); err != nil {
 			return err
 		}
 		cfg.Peers = peers
 		route.Prefixes = routePrefixes(peers)
-		if wst, err = a.applyDevice(ctx, cfg); err != nil {
+		// cur is a moment old: the device plans against it (wireguard.SnapshotMaxAge)
+		// instead of reading every peer again.
+		if wst, err = a.applyDeviceFrom(ctx, cfg, cur); err != nil {
 			return fmt.Errorf("configure WireGuard peers: %w", err)
 		}
-		if rst, err = a.routes.Apply(ctx, route); err != nil {
+		if rst, err = a.applyRoutes(ctx, route); err != nil {
 			return fmt.Errorf("configure tunnel routes: %w", err)
 		}
 		a.mu.Lock()
 		a.peers = peers
 		a.mu.Unlock()
-		if err := a.applyPolicy(ctx, plan, list.Items, readyNodes(peers)); err != nil {
+		if err := a.applyPolicy(ctx, plan, allNodes, readyNodes(peers)); err != nil {
 			return err
 		}
 		if err := a.teardownIPsec(ctx, local, list.Items, assigned); err != nil {
@@ -734,10 +781,10 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	default:
 		// No tunnel is ready any more before any goes: then routes before peers, so
 		// traffic leaves the tunnel for the underlay routes first.
-		if err := a.applyPolicy(ctx, plan, list.Items, nil); err != nil {
+		if err := a.applyPolicy(ctx, plan, allNodes, nil); err != nil {
 			return err
 		}
-		if rst, err = a.routes.Apply(ctx, route); err != nil {
+		if rst, err = a.applyRoutes(ctx, route); err != nil {
 			return fmt.Errorf("remove tunnel routes: %w", err)
 		}
 		if wst, err = a.applyDevice(ctx, cfg); err != nil {
@@ -793,7 +840,7 @@ func (a *Agent) reconcileRefused(ctx context.Context, plan *policyPlan, nodes []
 	}
 	route := a.routeConfig()
 	route.Blocked = blockedExcept(a.opts.NodeName, assigned, nil)
-	if _, err := a.routes.Apply(ctx, route); err != nil {
+	if _, err := a.applyRoutes(ctx, route); err != nil {
 		return fmt.Errorf("block remote pod CIDRs: %w", err)
 	}
 	if err := a.removeWireGuardPeers(ctx); err != nil {
@@ -829,6 +876,7 @@ func (a *Agent) meshNodeRef() *v1alpha1.MeshNode {
 // still holds the states the previous process installed, so their SPIs stay announced.
 func (a *Agent) publishSpec(ctx context.Context, node *corev1.Node, local localNode, nodes []v1alpha1.MeshNode, ipsecOn bool) error {
 	want := meshNodeSpec(local, a.key.PublicKey(), a.opts.WireGuard.ListenPort, a.bootID)
+	want.Endpoints = a.endpoints
 	for _, h := range a.health {
 		want.HealthIPs = append(want.HealthIPs, v1alpha1.IP(h.String()))
 	}
@@ -907,6 +955,8 @@ func (a *Agent) reportSkips(list *v1alpha1.MeshNodeList, skips []skip) {
 		a.log.Warn("peer refused", logPeer, s.Node, "reason", s.Reason)
 		if mn := byName[s.Node]; mn != nil {
 			a.recorder.Eventf(mn, corev1.EventTypeWarning, "PeerRefused", "node %s refused this MeshNode: %s", a.opts.NodeName, s.Reason)
+		} else if isRemote(s.Node) {
+			a.recorder.Eventf(a.meshNodeRef(), corev1.EventTypeWarning, "RemoteNodeRefused", "node %s refused remote node %s: %s", a.opts.NodeName, s.Node, s.Reason)
 		}
 	}
 }
@@ -927,6 +977,7 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 	if a.attachMode != datapath.AttachAuto {
 		st.AttachMode = a.attachMode.String()
 	}
+	st.RemoteClusters = a.remoteStatus
 	st.Peers = nil
 	st.PeersReady = 0
 	if len(a.peers) > 0 {

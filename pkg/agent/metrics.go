@@ -12,6 +12,7 @@ import (
 
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/ipsec"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
+	"github.com/meshcrypt/meshcrypt/pkg/datapath"
 	"github.com/meshcrypt/meshcrypt/pkg/metrics"
 )
 
@@ -105,4 +106,25 @@ func (a *Agent) KeyAge() (time.Duration, bool) {
 		return 0, false
 	}
 	return time.Since(fi.ModTime()), true
+}
+
+// applyWireGuard applies cfg to the device and counts the configuration call it made, if any,
+// with the peers it wrote (meshcrypt_wireguard_configure_total and _peer_updates_total):
+// Device.Apply makes exactly one wgctrl configuration call when its PlanStats report a
+// change, and none otherwise.
+func (a *Agent) applyWireGuard(ctx context.Context, cfg wireguard.Config) (wireguard.PlanStats, error) {
+	st, err := a.dev.Apply(ctx, cfg)
+	if err == nil && st.Changed() {
+		a.rec.WireGuardConfigured(st.Added, st.Updated, st.Removed)
+	}
+	return st, err
+}
+
+// applyRoutes applies cfg to the tunnel routes and counts the netlink writes it made
+// (meshcrypt_route_operations_total), also those made before an error: RouteStats counts
+// every route replace and delete and every rule add and delete.
+func (a *Agent) applyRoutes(ctx context.Context, cfg datapath.RouteConfig) (datapath.RouteStats, error) {
+	st, err := a.routes.Apply(ctx, cfg)
+	a.rec.RouteOps(st.Added, st.Removed, st.RulesAdded, st.RulesRemoved)
+	return st, err
 }

@@ -53,8 +53,9 @@ type policyPlan struct {
 	stats    string
 }
 
-// planPolicy gives every pod its identity (allocating new ones) and compiles the policies.
-func (a *Agent) planPolicy(ctx context.Context) (*policyPlan, error) {
+// planPolicy gives every pod its identity (allocating new ones) and compiles the policies
+// over this cluster's identities and remote ones (from the cluster mesh).
+func (a *Agent) planPolicy(ctx context.Context, remote []policy.Identity) (*policyPlan, error) {
 	var pods corev1.PodList
 	if err := a.cache.List(ctx, &pods); err != nil {
 		return nil, fmt.Errorf("list pods: %w", err)
@@ -99,10 +100,11 @@ func (a *Agent) planPolicy(ctx context.Context) (*policyPlan, error) {
 		return nil, fmt.Errorf("list MeshPolicies: %w", err)
 	}
 	snap := a.alloc.Snapshot()
-	ids := make([]policy.Identity, 0, len(snap))
+	ids := make([]policy.Identity, 0, len(snap)+len(remote))
 	for id, l := range snap {
 		ids = append(ids, policy.Identity{ID: uint32(id), Labels: l.Map()})
 	}
+	ids = append(ids, remote...)
 	res := policy.Compile(policy.Input{Policies: pols.Items, Identities: ids, NamespaceLabels: nsLabels})
 	plan.allow = make(map[datapath.PolicyKey]datapath.PolicyValue, len(res.Allow))
 	for k, v := range res.Allow {

@@ -99,7 +99,9 @@ type skip struct {
 //
 // assigned holds each Kubernetes Node's spec.podCIDRs, which only the control plane writes: a
 // MeshNode may announce exactly those, so a compromised node cannot claim another node's
-// pods. A nil map skips the check (no Node information, e.g. for a remote cluster).
+// pods. A nil map skips the check. Remote clusters' nodes (named cluster/node, see
+// clustermesh.go) have no Node here and skip it; a remote node overlapping a local one is
+// refused, the local one kept.
 func peersFromMeshNodes(self string, local localNode, nodes []v1alpha1.MeshNode, assigned map[string][]netip.Prefix) ([]wireguard.Peer, []skip) {
 	var skips []skip
 	type cand struct {
@@ -114,7 +116,7 @@ func peersFromMeshNodes(self string, local localNode, nodes []v1alpha1.MeshNode,
 			continue
 		}
 		p, reason, pending := peerFromMeshNode(mn, local)
-		if reason == "" && assigned != nil {
+		if reason == "" && assigned != nil && !isRemote(mn.Name) {
 			reason = checkAssigned(p.AllowedIPs, assigned[mn.Name], assigned != nil && assigned[mn.Name] != nil)
 		}
 		if reason != "" {
@@ -147,46 +149,65 @@ func peersFromMeshNodes(self string, local localNode, nodes []v1alpha1.MeshNode,
 	// Overlapping pod CIDRs: a packet could be bound to either key. Refuse every node
 	// involved. Sorting by start address makes this O(n log n): CIDRs either nest or are
 	// disjoint, so each one need only be checked against the widest one still open.
+	//
+	// A remote cluster's node overlapping anything is refused, and only it: another cluster
+	// cannot take this one's pods off the air. So this cluster's nodes are swept among
+	// themselves, and then everything is swept for the remote nodes' sake.
 	type owned struct {
 		p netip.Prefix
 		c *cand // nil: this node's own CIDR
 	}
-	var all []owned
-	for _, p := range local.PodCIDRs {
-		all = append(all, owned{p: p})
-	}
-	for _, c := range cands {
-		for _, p := range c.cidrs {
-			all = append(all, owned{p: p, c: c})
-		}
-	}
-	slices.SortFunc(all, func(a, b owned) int {
-		if c := a.p.Addr().Compare(b.p.Addr()); c != 0 {
-			return c
-		}
-		return cmp.Compare(a.p.Bits(), b.p.Bits())
-	})
-	conflicts := map[*cand][]string{}
+	remote := func(o owned) bool { return o.c != nil && isRemote(o.c.peer.Name) }
 	name := func(o owned) string {
 		if o.c == nil {
 			return self + " (this node)"
 		}
 		return o.c.peer.Name
 	}
-	var open *owned
-	for i := range all {
-		cur := &all[i]
-		if open != nil && open.p.Overlaps(cur.p) && open.c != cur.c {
-			if cur.c != nil {
-				conflicts[cur.c] = append(conflicts[cur.c], fmt.Sprintf("%s overlaps %s of %s", cur.p, open.p, name(*open)))
+	conflicts := map[*cand][]string{}
+	sweep := func(all []owned, refuse func(owned) bool) {
+		slices.SortFunc(all, func(a, b owned) int {
+			if c := a.p.Addr().Compare(b.p.Addr()); c != 0 {
+				return c
 			}
-			if open.c != nil {
-				conflicts[open.c] = append(conflicts[open.c], fmt.Sprintf("%s overlaps %s of %s", open.p, cur.p, name(*cur)))
+			return cmp.Compare(a.p.Bits(), b.p.Bits())
+		})
+		var open *owned
+		for i := range all {
+			cur := &all[i]
+			if open != nil && open.p.Overlaps(cur.p) && open.c != cur.c {
+				if cur.c != nil && refuse(*cur) {
+					conflicts[cur.c] = append(conflicts[cur.c], fmt.Sprintf("%s overlaps %s of %s", cur.p, open.p, name(*open)))
+				}
+				if open.c != nil && refuse(*open) {
+					conflicts[open.c] = append(conflicts[open.c], fmt.Sprintf("%s overlaps %s of %s", open.p, cur.p, name(*cur)))
+				}
+			}
+			if open == nil || !open.p.Contains(cur.p.Addr()) || lastAddr(cur.p).Compare(lastAddr(open.p)) > 0 {
+				open = cur
 			}
 		}
-		if open == nil || !open.p.Contains(cur.p.Addr()) || lastAddr(cur.p).Compare(lastAddr(open.p)) > 0 {
-			open = cur
+	}
+	var here, all []owned
+	for _, p := range local.PodCIDRs {
+		here = append(here, owned{p: p})
+	}
+	hasRemote := false
+	for _, c := range cands {
+		for _, p := range c.cidrs {
+			o := owned{p: p, c: c}
+			if remote(o) {
+				hasRemote = true
+			} else {
+				here = append(here, o)
+			}
+			all = append(all, o)
 		}
+	}
+	all = append(all, here...)
+	sweep(here, func(owned) bool { return true })
+	if hasRemote {
+		sweep(all, remote)
 	}
 	for c, why := range conflicts {
 		if c.drop {

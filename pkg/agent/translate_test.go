@@ -173,6 +173,19 @@ func TestPeersFromMeshNodes(t *testing.T) {
 			wantSkips: []skip{{Node: "n2", Reason: "pod CIDR conflict: 10.244.0.0/16 overlaps 10.244.1.0/24 of n1 (this node)"}},
 		},
 		{
+			name: "a remote cluster's node overlapping this cluster's nodes is refused alone",
+			nodes: []v1alpha1.MeshNode{
+				meshNode("n2", k2, 1, u("10.77.0.12"), "10.244.2.0/24"),
+				meshNode("b/n9", k3, 1, u("10.77.0.19"), "10.244.2.0/23"),
+				meshNode("b/n8", k4, 1, u("10.77.0.18"), "10.245.8.0/24"),
+			},
+			wantPeers: []wireguard.Peer{
+				{Name: "b/n8", PublicKey: k4, Endpoint: netip.MustParseAddrPort("10.77.0.18:1"), AllowedIPs: []netip.Prefix{p("10.245.8.0/24")}},
+				{Name: "n2", PublicKey: k2, Endpoint: netip.MustParseAddrPort("10.77.0.12:1"), AllowedIPs: []netip.Prefix{p("10.244.2.0/24")}},
+			},
+			wantSkips: []skip{{Node: "b/n9", Reason: "pod CIDR conflict: 10.244.2.0/23 overlaps 10.244.2.0/24 of n2"}},
+		},
+		{
 			name: "nested and overlapping remote CIDRs refuse every node involved",
 			nodes: []v1alpha1.MeshNode{
 				meshNode("wide", k2, 1, u("10.77.0.12"), "10.0.0.0/8"),
@@ -205,6 +218,8 @@ func TestPeersFromMeshNodes(t *testing.T) {
 // TestOverlapMatchesNaive checks the sorted overlap detection against the obvious quadratic
 // check on random CIDR sets.
 func TestOverlapMatchesNaive(t *testing.T) {
+	// The naive rule: a node is refused when it overlaps another node, except that this
+	// cluster's node is not refused for overlapping a remote cluster's.
 	rnd := rand.New(rand.NewPCG(1, 1))
 	for iter := range 300 {
 		var nodes []v1alpha1.MeshNode
@@ -213,7 +228,11 @@ func TestOverlapMatchesNaive(t *testing.T) {
 			bits := 8 + rnd.IntN(17)
 			addr := netip.AddrFrom4([4]byte{10, byte(rnd.IntN(4)), byte(rnd.IntN(4)), 0})
 			pr := netip.PrefixFrom(addr, bits).Masked()
-			nodes = append(nodes, meshNode(string(rune('a'+i)), key(t, byte(10+i)), 1, []string{"10.77.0.1"}, pr.String()))
+			name := string(rune('a' + i))
+			if rnd.IntN(3) == 0 {
+				name = "remote/" + name // a remote cluster's node: refused alone
+			}
+			nodes = append(nodes, meshNode(name, key(t, byte(10+i)), 1, []string{"10.77.0.1"}, pr.String()))
 		}
 		local := localNode{Underlay: []netip.Addr{netip.MustParseAddr("10.77.0.9")}}
 		peers, skips := peersFromMeshNodes("self", local, nodes, nil)
@@ -222,7 +241,7 @@ func TestOverlapMatchesNaive(t *testing.T) {
 			for j := range nodes {
 				pi := netip.MustParsePrefix(string(nodes[i].Spec.PodCIDRs[0]))
 				pj := netip.MustParsePrefix(string(nodes[j].Spec.PodCIDRs[0]))
-				if i != j && pi.Overlaps(pj) {
+				if i != j && pi.Overlaps(pj) && (isRemote(nodes[i].Name) || !isRemote(nodes[j].Name)) {
 					naive[nodes[i].Name] = true
 				}
 			}

@@ -9,7 +9,8 @@
 //     reasons, strict drops as reason drop_not_encrypted), the private key's age, and, through
 //     an optional XFRMSource, the kernel's XFRM error counters (/proc/net/xfrm_stat);
 //   - recorded by the agent as things happen, through Recorder's methods: reconcile
-//     durations, key rotations, the applied encryption mode.
+//     durations, key rotations, the applied encryption mode, WireGuard configuration calls and
+//     peers written, netlink route and rule writes.
 //
 // Every name starts with meshcrypt_ (plus the Go runtime's go_* and process_*). Server serves /metrics, /healthz
 // (the process is up) and /readyz (the readiness function the agent passes).

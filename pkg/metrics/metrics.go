@@ -91,6 +91,9 @@ type Recorder struct {
 	reconcile *prometheus.HistogramVec
 	rotations prometheus.Counter
 	mode      *prometheus.GaugeVec
+	configure prometheus.Counter
+	peerOps   *prometheus.CounterVec
+	routeOps  *prometheus.CounterVec
 
 	mu       sync.Mutex
 	lastMode string
@@ -136,16 +139,37 @@ func New(opts Options) *Recorder {
 			Help:      "1 for the encryption mode the agent has applied (Disabled, WireGuard, ...), 0 for modes it applied before.",
 		}, []string{"mode"}),
 	}
-	// Both results exist from the start, so rate() and the dashboard see zeros, not gaps.
+	r.configure = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: Namespace,
+		Name:      "wireguard_configure_total",
+		Help:      "Configuration calls (wgctrl ConfigureDevice) the agent made on its WireGuard device; an apply that changes nothing makes none.",
+	})
+	r.peerOps = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace,
+		Name:      "wireguard_peer_updates_total",
+		Help:      "WireGuard peers written by those configuration calls, by op: add (a new key), update (an existing key reconfigured), remove.",
+	}, []string{"op"})
+	r.routeOps = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace,
+		Name:      "route_operations_total",
+		Help:      "Netlink writes of the tunnel routing state, by op: replace and delete (routes, tunnel and blackhole fallback), rule_add and rule_delete (policy rules).",
+	}, []string{"op"})
+	// Every label value exists from the start, so rate() and the dashboard see zeros, not gaps.
 	r.reconcile.WithLabelValues(ResultSuccess)
 	r.reconcile.WithLabelValues(ResultError)
+	for _, op := range []string{PeerAdd, PeerUpdate, PeerRemove} {
+		r.peerOps.WithLabelValues(op)
+	}
+	for _, op := range []string{RouteReplace, RouteDelete, RuleAdd, RuleDelete} {
+		r.routeOps.WithLabelValues(op)
+	}
 	errs := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: Namespace,
 		Name:      "metrics_source_errors_total",
 		Help:      "Scrapes in which reading the agent's state failed, by source (peers, verdicts, xfrm); those metrics were left out.",
 	}, []string{"source"})
 	r.registry.MustRegister(
-		r.reconcile, r.rotations, r.mode, errs,
+		r.reconcile, r.rotations, r.mode, errs, r.configure, r.peerOps, r.routeOps,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -172,6 +196,37 @@ func (r *Recorder) ObserveReconcile(d time.Duration, err error) {
 		result = ResultError
 	}
 	r.reconcile.WithLabelValues(result).Observe(d.Seconds())
+}
+
+// Values of meshcrypt_wireguard_peer_updates_total's and meshcrypt_route_operations_total's
+// op label.
+const (
+	PeerAdd      = "add"
+	PeerUpdate   = "update"
+	PeerRemove   = "remove"
+	RouteReplace = "replace"
+	RouteDelete  = "delete"
+	RuleAdd      = "rule_add"
+	RuleDelete   = "rule_delete"
+)
+
+// WireGuardConfigured counts one configuration call on the WireGuard device that added,
+// updated and removed so many peers. Call it only for calls that were made: an apply that
+// found nothing to change is not one.
+func (r *Recorder) WireGuardConfigured(added, updated, removed int) {
+	r.configure.Inc()
+	r.peerOps.WithLabelValues(PeerAdd).Add(float64(added))
+	r.peerOps.WithLabelValues(PeerUpdate).Add(float64(updated))
+	r.peerOps.WithLabelValues(PeerRemove).Add(float64(removed))
+}
+
+// RouteOps counts netlink writes of the tunnel routing state: routes replaced (added or
+// changed) and deleted, policy rules added and deleted.
+func (r *Recorder) RouteOps(replaced, deleted, rulesAdded, rulesDeleted int) {
+	r.routeOps.WithLabelValues(RouteReplace).Add(float64(replaced))
+	r.routeOps.WithLabelValues(RouteDelete).Add(float64(deleted))
+	r.routeOps.WithLabelValues(RuleAdd).Add(float64(rulesAdded))
+	r.routeOps.WithLabelValues(RuleDelete).Add(float64(rulesDeleted))
 }
 
 // KeyRotated counts one completed key rotation.

@@ -139,6 +139,10 @@ func TestScrape(t *testing.T) {
 	rec.ObserveReconcile(20*time.Millisecond, nil)
 	rec.ObserveReconcile(2*time.Second, errors.New("boom"))
 	rec.KeyRotated()
+	rec.WireGuardConfigured(5000, 0, 0)
+	rec.WireGuardConfigured(1, 0, 1)
+	rec.RouteOps(2, 0, 2, 0)
+	rec.RouteOps(2, 2, 0, 0)
 	base := serve(t, metrics.ServerOptions{Gatherer: rec.Gatherer()})
 
 	fams := scrape(t, base)
@@ -171,6 +175,14 @@ func TestScrape(t *testing.T) {
 		"meshcrypt_metrics_source_errors_total{source=peers}":                            0,
 		"meshcrypt_metrics_source_errors_total{source=verdicts}":                         0,
 		"meshcrypt_metrics_source_errors_total{source=xfrm}":                             0,
+		"meshcrypt_wireguard_configure_total{}":                                          2,
+		"meshcrypt_wireguard_peer_updates_total{op=add}":                                 5001,
+		"meshcrypt_wireguard_peer_updates_total{op=update}":                              0,
+		"meshcrypt_wireguard_peer_updates_total{op=remove}":                              1,
+		"meshcrypt_route_operations_total{op=replace}":                                   4,
+		"meshcrypt_route_operations_total{op=delete}":                                    2,
+		"meshcrypt_route_operations_total{op=rule_add}":                                  2,
+		"meshcrypt_route_operations_total{op=rule_delete}":                               0,
 	}
 	if diff := cmp.Diff(want, samples(fams), cmp.Comparer(approx)); diff != "" {
 		t.Errorf("scraped samples (-want +got):\n%s", diff)
@@ -252,6 +264,14 @@ func TestNoSource(t *testing.T) {
 		"meshcrypt_reconcile_duration_seconds_count{result=success}",
 		"meshcrypt_reconcile_duration_seconds_sum{result=error}",
 		"meshcrypt_reconcile_duration_seconds_sum{result=success}",
+		"meshcrypt_route_operations_total{op=delete}",
+		"meshcrypt_route_operations_total{op=replace}",
+		"meshcrypt_route_operations_total{op=rule_add}",
+		"meshcrypt_route_operations_total{op=rule_delete}",
+		"meshcrypt_wireguard_configure_total{}",
+		"meshcrypt_wireguard_peer_updates_total{op=add}",
+		"meshcrypt_wireguard_peer_updates_total{op=remove}",
+		"meshcrypt_wireguard_peer_updates_total{op=update}",
 	}
 	if diff := cmp.Diff(want, names); diff != "" {
 		t.Errorf("series (-want +got):\n%s", diff)

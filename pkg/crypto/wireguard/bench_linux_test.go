@@ -3,11 +3,15 @@
 package wireguard_test
 
 import (
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"path/filepath"
 	"testing"
+	"time"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
 )
@@ -84,4 +88,82 @@ func benchTCP(b *testing.B, from, to *node, addr netip.AddrPort) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// BenchmarkUserspaceApplyOneChange measures, on a userspace device holding 5000 peers, one
+// full read of the device through wgctrl, and one Apply that changes one peer's key (the
+// rest unchanged) made right after such a read (as the agent's reconcile does) and without
+// one. The read is the part that grows with the number of peers; the configuration call
+// writes one peer.
+func BenchmarkUserspaceApplyOneChange(b *testing.B) {
+	requireRoot(b)
+	const peers = 5000
+	a, _ := newNodePair(b)
+	a.cleanupDevice(b)
+	d, err := wireguard.Ensure(b.Context(), a.ensureOptions(b, wireguard.TunnelMTU(1500), wireguard.BackendUserspace))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { d.Close() })
+	priv, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg := wireguard.Config{PrivateKey: priv, ListenPort: a.port}
+	for i := range peers {
+		k, err := wgtypes.GeneratePrivateKey()
+		if err != nil {
+			b.Fatal(err)
+		}
+		cfg.Peers = append(cfg.Peers, wireguard.Peer{
+			Name:       fmt.Sprintf("sim-%05d", i),
+			PublicKey:  k.PublicKey(),
+			Endpoint:   netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}), 51871),
+			AllowedIPs: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 128 + byte(i>>8), byte(i), 0}), 24)},
+		})
+	}
+	if _, err := d.Apply(b.Context(), cfg); err != nil {
+		b.Fatal(err)
+	}
+	change := func(b *testing.B, i int) {
+		k, err := wgtypes.GeneratePrivateKey()
+		if err != nil {
+			b.Fatal(err)
+		}
+		cfg.Peers[i%peers].PublicKey = k.PublicKey()
+	}
+	b.Run("read", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := d.Device(b.Context()); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("read+apply", func(b *testing.B) {
+		i := 0
+		for b.Loop() {
+			change(b, i)
+			i++
+			if _, err := d.Device(b.Context()); err != nil {
+				b.Fatal(err)
+			}
+			st, err := d.Apply(b.Context(), cfg)
+			if err != nil || st.Added != 1 || st.Removed != 1 {
+				b.Fatalf("apply: %v %v", st, err)
+			}
+		}
+	})
+	b.Run("apply", func(b *testing.B) {
+		b.StopTimer()
+		for i := range b.N {
+			change(b, i)
+			time.Sleep(1100 * time.Millisecond) // no recent read to plan from
+			b.StartTimer()
+			st, err := d.Apply(b.Context(), cfg)
+			b.StopTimer()
+			if err != nil || st.Added != 1 || st.Removed != 1 {
+				b.Fatalf("apply: %v %v", st, err)
+			}
+		}
+	})
 }

@@ -69,10 +69,19 @@ type Device interface {
 	// its current state (see [Diff]) in one wgctrl call, or none when
 	// nothing differs. It is idempotent and returns what it changed. If
 	// the device has vanished the error wraps [ErrDeviceGone].
+	//
+	// The current state is read from the device, unless a Device call on
+	// this handle read it less than [SnapshotMaxAge] ago and no
+	// configuration call was made through the handle since: then Apply
+	// plans against that read, so a caller that reads the device and then
+	// applies (as the agent's reconcile does) pays for one read of every
+	// peer, not two. A change made to the device by someone else within
+	// that second is healed by the next Apply after it.
 	Apply(ctx context.Context, cfg Config) (PlanStats, error)
 	// Device returns the device's current state, including each peer's last
 	// handshake time and byte counters. It changes nothing. If the device
-	// has vanished the error wraps [ErrDeviceGone].
+	// has vanished the error wraps [ErrDeviceGone]. The result is shared
+	// with Apply (see there): callers must not modify it.
 	Device(ctx context.Context) (*wgtypes.Device, error)
 	// Close releases this handle's resources (wgctrl client, owned netlink
 	// handle). It never removes the link, its peers or the userspace
@@ -85,6 +94,12 @@ type Device interface {
 	// handle is closed afterwards; Delete on a handle closed by Close fails.
 	Delete(ctx context.Context) error
 }
+
+// SnapshotMaxAge is how old a read of the device may be for [Device.Apply] to plan against it
+// instead of reading the device again. Reading a userspace device is a text dump of every
+// peer through its UAPI socket (tens of milliseconds at 5000 peers); the agent reads the
+// device just before it applies, so that read serves both.
+const SnapshotMaxAge = time.Second
 
 // DefaultStartTimeout is how long [Ensure] waits for a userspace device
 // process to answer on its UAPI socket.

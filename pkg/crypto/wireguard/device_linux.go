@@ -217,10 +217,16 @@ type wgDevice struct {
 	ownNL bool
 	log   *slog.Logger
 
-	mu      sync.Mutex // serialises Apply, Close and Delete
+	mu      sync.Mutex // serialises Apply, Device, Close and Delete
 	wg      *wgctrl.Client
 	closed  bool
 	deleted bool
+	// snap is the device as the last read through this handle found it, while no
+	// configuration call has been made through it since (nil otherwise), and snapAt when it
+	// was read: Apply plans against a snapshot younger than SnapshotMaxAge instead of
+	// reading the whole device again (see Device.Apply).
+	snap   *wgtypes.Device
+	snapAt time.Time
 }
 
 // Name implements Device.
@@ -236,14 +242,19 @@ func (d *wgDevice) Apply(ctx context.Context, cfg Config) (PlanStats, error) {
 	if err := d.usable(ctx); err != nil {
 		return PlanStats{}, err
 	}
-	cur, err := d.wg.Device(d.name)
-	if err != nil {
-		return PlanStats{}, fmt.Errorf("apply WireGuard config to %s: read device: %w", d.name, gone(err))
+	cur, at := d.snap, d.snapAt
+	if cur == nil || time.Since(at) > SnapshotMaxAge {
+		var err error
+		if cur, err = d.read(); err != nil {
+			return PlanStats{}, fmt.Errorf("apply WireGuard config to %s: read device: %w", d.name, err)
+		}
 	}
 	wcfg, stats := Diff(cur, cfg)
 	if !stats.Changed() {
 		return stats, nil
 	}
+	// From here the device may differ from the snapshot, whatever the call's outcome.
+	d.snap = nil
 	if err := d.wg.ConfigureDevice(d.name, wcfg); err != nil {
 		return PlanStats{}, fmt.Errorf("apply WireGuard config to %s (%s): %w", d.name, stats, gone(err))
 	}
@@ -258,10 +269,22 @@ func (d *wgDevice) Device(ctx context.Context) (*wgtypes.Device, error) {
 	if err := d.usable(ctx); err != nil {
 		return nil, err
 	}
+	dev, err := d.read()
+	if err != nil {
+		return nil, fmt.Errorf("read WireGuard device %s: %w", d.name, err)
+	}
+	return dev, nil
+}
+
+// read reads the whole device and keeps it as the snapshot Apply may plan against. d.mu must
+// be held.
+func (d *wgDevice) read() (*wgtypes.Device, error) {
 	dev, err := d.wg.Device(d.name)
 	if err != nil {
-		return nil, fmt.Errorf("read WireGuard device %s: %w", d.name, gone(err))
+		d.snap = nil
+		return nil, gone(err)
 	}
+	d.snap, d.snapAt = dev, time.Now()
 	return dev, nil
 }
 

@@ -30,6 +30,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
@@ -951,4 +952,78 @@ func TestEnsureRejectsBadOptions(t *testing.T) {
 			t.Errorf("Ensure(%+v) succeeded, want an error", opts)
 		}
 	}
+}
+
+// TestApplyPlansAgainstRecentRead checks when Apply trusts a recent read of the device
+// instead of reading it again: never after a configuration call through the handle, and
+// only within SnapshotMaxAge of a Device call. A peer removed behind the device's back is
+// put back by the first Apply that reads.
+func TestApplyPlansAgainstRecentRead(t *testing.T) {
+	requireRoot(t)
+	ctx := t.Context()
+	a, _ := newNodePair(t)
+	a.cleanupDevice(t)
+	d, err := wireguard.Ensure(ctx, a.ensureOptions(t, wireguard.TunnelMTU(1500), wireguard.BackendUserspace))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	priv, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := wireguard.Config{PrivateKey: priv, ListenPort: a.port}
+	for i := range 2 {
+		k, err := wgtypes.GeneratePrivateKey()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.Peers = append(cfg.Peers, wireguard.Peer{
+			Name:       fmt.Sprintf("p%d", i),
+			PublicKey:  k.PublicKey(),
+			AllowedIPs: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 99, byte(i), 0}), 24)},
+		})
+	}
+	st, err := d.Apply(ctx, cfg)
+	wantStats(t, "first apply", st, err, wireguard.PlanStats{Added: 2, Settings: true})
+
+	wc, err := wgctrl.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wc.Close()
+	removeBehindBack := func() {
+		t.Helper()
+		if err := wc.ConfigureDevice(a.wgName, wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: cfg.Peers[0].PublicKey, Remove: true}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// After a configuration call the handle reads again.
+	removeBehindBack()
+	st, err = d.Apply(ctx, cfg)
+	wantStats(t, "apply after a configuration call", st, err, wireguard.PlanStats{Added: 1})
+
+	// A recent read is trusted...
+	start := time.Now()
+	if _, err := d.Device(ctx); err != nil {
+		t.Fatal(err)
+	}
+	removeBehindBack()
+	st, err = d.Apply(ctx, cfg)
+	if took := time.Since(start); took < wireguard.SnapshotMaxAge/2 {
+		wantStats(t, "apply right after a read", st, err, wireguard.PlanStats{})
+	} else {
+		t.Logf("the read and the apply took %v: too slow a machine to check the snapshot", took)
+	}
+	// ... until it is older than SnapshotMaxAge.
+	time.Sleep(wireguard.SnapshotMaxAge + 100*time.Millisecond)
+	st, err = d.Apply(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Added > 1 || st.Removed+st.Updated != 0 {
+		t.Errorf("apply after the snapshot expired: %v, want at most the removed peer added", st)
+	}
+	peerOf(t, d, cfg.Peers[0].PublicKey)
 }
