@@ -56,9 +56,11 @@ test-vm: ## the kernel suite in a qemu VM (Debian cloud kernel 6.1: kernel WireG
 demo: deps build ## run a 3-node cluster on this machine, turn WireGuard on, prove it, print meshcrypt status (KEEP=1 keeps it up)
 	$(GO) run ./tests/demo $(if $(KEEP),--keep,)
 
-bench: deps build ## benchmarks: classifier cost per packet, pod-to-pod throughput WireGuard vs clear, node join time, and in the VM WireGuard vs IPsec vs clear
+bench: deps build ## benchmarks: classifier cost per packet, pod-to-pod throughput (WireGuard vs wireguard-go by hand vs clear, classifier on/off), node join time, control plane at 100/1000/5000 nodes, and in the VM WireGuard vs IPsec vs clear
 	$(GOTEST) -run '^$$' -bench Classifier -benchtime 1x -timeout 20m ./pkg/datapath/ | tee bench/classifier.txt
 	$(GOTEST) -run '^$$' -bench . -benchtime 1x -timeout 20m ./tests/e2e/ | tee bench/results.txt
+	$(GOTEST) -run '^$$' -bench ControlPlaneScale -benchtime 1x -timeout 60m ./tests/scale/ | tee bench/scale.txt
+	$(GOTEST) -run '^$$' -bench UserspaceApplyOneChange -benchtime 5x ./pkg/crypto/wireguard/ | tee bench/wireguard-apply.txt
 	$(GOTEST) -run '^$$' -bench PodThroughputInVM -benchtime 1x -timeout 20m ./tests/vm/ | tee bench/vm.txt
 
 cleanup: ## remove namespaces and processes left by killed test runs

@@ -172,7 +172,7 @@ type Agent struct {
 
 	// Cluster mesh (clustermesh.go).
 	mesh         meshState
-	endpoints    []v1alpha1.Endpoint              // published in spec.endpoints
+	endpoints    []v1alpha1.Endpoint            // published in spec.endpoints
 	remoteStatus []v1alpha1.RemoteClusterStatus // published in status.remoteClusters
 
 	// Verification (verify.go).
