@@ -175,7 +175,7 @@ func TestVerify(t *testing.T) {
 		if out, err := c.Run(ctx, "meshcrypt", "encryption", "enable", "--mode", "ipsec", "--wait", "--timeout", "2m"); err != nil {
 			t.Fatalf("encryption enable --mode ipsec: %v\n%s", err, out)
 		}
-		waitMeshNodes(ctx, t, c, "IPsec outbound on every node", 2*time.Minute, ipsecConverged(3, 1))
+		waitMeshNodes(ctx, t, c, "IPsec outbound on every node", 2*time.Minute, ipsecConverged(3, 1, 1))
 		cp := capture(t, c)
 		out, code, mv := runVerify(ctx, t, c, "--all-pairs")
 		if code != 0 {
