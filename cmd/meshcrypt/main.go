@@ -77,6 +77,11 @@ func (g *globals) client() (client.Client, error) {
 	if err != nil {
 		return nil, err
 	}
+	return newClient(cfg)
+}
+
+// newClient is a client for cfg that knows the built-in and meshcrypt.io types.
+func newClient(cfg *rest.Config) (client.Client, error) {
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
 		return nil, err

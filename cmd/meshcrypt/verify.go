@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -217,20 +218,13 @@ func verifySummary(mv *v1alpha1.MeshVerification, incomplete string) (string, bo
 		why = append(why, fmt.Sprintf("%d could not be proven", failed))
 	}
 	if rest := n - enc - plain - failed; rest > 0 {
-		why = append(why, fmt.Sprintf("%d without a verdict (%s)", rest, cmpOr(incomplete, "still running")))
+		why = append(why, fmt.Sprintf("%d without a verdict (%s)", rest, cmp.Or(incomplete, "still running")))
 	}
 	word := "NOT VERIFIED"
 	if plain > 0 {
 		word = "PLAINTEXT SEEN"
 	}
 	return fmt.Sprintf("%s: %d of %d node pair(s) encrypted; %s", word, enc, n, strings.Join(why, ", ")), false
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 // writeVerifyTable prints one line per pair.

@@ -1088,25 +1088,42 @@ func setConditions(st *v1alpha1.MeshNodeStatus, in conditionInput) {
 	}
 }
 
-// underlayLinkMTU finds the interface holding one of the underlay addresses and returns its
-// MTU and name.
+// underlayLinkMTU finds the interface holding one of the underlay addresses (the first that
+// one holds) and returns its MTU and name.
 func underlayLinkMTU(h *netlink.Handle, underlay []netip.Addr) (int, string, error) {
+	links, _, err := underlayLinks(h, underlay)
+	if err != nil {
+		return 0, "", err
+	}
+	if len(links) == 0 {
+		return 0, "", fmt.Errorf("no interface holds an underlay address %v", underlay)
+	}
+	return links[0].Attrs().MTU, links[0].Attrs().Name, nil
+}
+
+// underlayLinks returns the interfaces holding the underlay addresses, in the addresses'
+// order and each once, and the addresses no interface holds.
+func underlayLinks(h *netlink.Handle, underlay []netip.Addr) (links []netlink.Link, missing []netip.Addr, err error) {
 	addrs, err := h.AddrList(nil, netlink.FAMILY_ALL)
 	if err != nil {
-		return 0, "", fmt.Errorf("list addresses: %w", err)
+		return nil, nil, fmt.Errorf("list addresses: %w", err)
 	}
 	for _, want := range underlay {
-		for _, ad := range addrs {
+		i := slices.IndexFunc(addrs, func(ad netlink.Addr) bool {
 			ip, ok := netip.AddrFromSlice(ad.IP)
-			if !ok || ip.Unmap() != want {
-				continue
-			}
-			l, err := h.LinkByIndex(ad.LinkIndex)
-			if err != nil {
-				return 0, "", fmt.Errorf("link of underlay address %s: %w", want, err)
-			}
-			return l.Attrs().MTU, l.Attrs().Name, nil
+			return ok && ip.Unmap() == want
+		})
+		if i < 0 {
+			missing = append(missing, want)
+			continue
+		}
+		l, err := h.LinkByIndex(addrs[i].LinkIndex)
+		if err != nil {
+			return nil, nil, fmt.Errorf("link of underlay address %s: %w", want, err)
+		}
+		if !slices.ContainsFunc(links, func(o netlink.Link) bool { return o.Attrs().Index == l.Attrs().Index }) {
+			links = append(links, l)
 		}
 	}
-	return 0, "", fmt.Errorf("no interface holds an underlay address %v", underlay)
+	return links, missing, nil
 }

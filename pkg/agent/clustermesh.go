@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"sort"
@@ -234,12 +235,7 @@ func (a *Agent) probeRemote(ctx context.Context, rc *remoteCluster, disco *disco
 // their endpoints and the MeshIdentities of that cluster's ID, and their status so far.
 func (a *Agent) remoteSnapshot(ctx context.Context) remoteInput {
 	in := remoteInput{perCluster: map[string]*v1alpha1.RemoteClusterStatus{}}
-	names := make([]string, 0, len(a.mesh.remotes))
-	for n := range a.mesh.remotes {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, name := range names {
+	for _, name := range slices.Sorted(maps.Keys(a.mesh.remotes)) {
 		rc := a.mesh.remotes[name]
 		rc.mu.Lock()
 		st := &v1alpha1.RemoteClusterStatus{Name: name, State: v1alpha1.RemoteUnreachable, Message: rc.lastErr}
@@ -312,12 +308,7 @@ func remoteStatuses(in remoteInput, peers []string, skips []skip) []v1alpha1.Rem
 			}
 		}
 	}
-	names := make([]string, 0, len(in.perCluster))
-	for n := range in.perCluster {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, n := range names {
+	for _, n := range slices.Sorted(maps.Keys(in.perCluster)) {
 		st := in.perCluster[n]
 		if len(reasons[n]) > 0 {
 			slices.Sort(reasons[n])

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -200,16 +201,17 @@ func (a *Agent) verifySetup(ctx context.Context, v *v1alpha1.MeshVerification, p
 		return nil, nil, fmt.Errorf("open netlink: %w", err)
 	}
 	defer h.Close()
+	links, missing, err := underlayLinks(h, a.underlay)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(missing) > 0 {
+		return nil, nil, fmt.Errorf("no interface holds underlay address %s", missing[0])
+	}
 	var idx []int
-	for _, u := range a.underlay {
-		l, err := linkOfAddr(h, u)
-		if err != nil {
-			return nil, nil, err
-		}
-		if !slices.Contains(idx, l.Attrs().Index) {
-			idx = append(idx, l.Attrs().Index)
-			vc.ifaces = append(vc.ifaces, l.Attrs().Name)
-		}
+	for _, l := range links {
+		idx = append(idx, l.Attrs().Index)
+		vc.ifaces = append(vc.ifaces, l.Attrs().Name)
 	}
 	vc.c, err = datapath.StartCapture(idx, func(pkt []byte) {
 		p := verify.Inspect(pkt, marker, wgPorts)
@@ -263,20 +265,6 @@ func ownHealth(mine []netip.Addr, other netip.Addr) netip.Addr {
 	return netip.Addr{}
 }
 
-// linkOfAddr returns the link holding address want.
-func linkOfAddr(h *netlink.Handle, want netip.Addr) (netlink.Link, error) {
-	addrs, err := h.AddrList(nil, netlink.FAMILY_ALL)
-	if err != nil {
-		return nil, fmt.Errorf("list addresses: %w", err)
-	}
-	for _, ad := range addrs {
-		if ip, ok := netip.AddrFromSlice(ad.IP); ok && ip.Unmap() == want {
-			return h.LinkByIndex(ad.LinkIndex)
-		}
-	}
-	return nil, fmt.Errorf("no interface holds underlay address %s", want)
-}
-
 // verifyDestination listens on the health endpoint, tells the sources (Destination set),
 // echoes their probes, and reports its capture when every source has sent all its probes or
 // gave up, or after verifyWaitPeer without news.
@@ -293,10 +281,7 @@ func (a *Agent) verifyDestination(ctx context.Context, v *v1alpha1.MeshVerificat
 			_ = vc.stop()
 		}
 	}()
-	probes := v.Spec.Probes
-	if probes == 0 {
-		probes = 10
-	}
+	probes := probesOf(v)
 	received := map[netip.Addr]int32{}
 	var mu sync.Mutex
 	var conns []*net.UDPConn
@@ -401,10 +386,7 @@ func (a *Agent) verifyDestination(ctx context.Context, v *v1alpha1.MeshVerificat
 // endpoint, counts the echoes, waits for the destinations' captures and writes each pair's
 // verdict.
 func (a *Agent) verifySource(ctx context.Context, v *v1alpha1.MeshVerification, pairs []v1alpha1.VerificationPair) error {
-	probes := v.Spec.Probes
-	if probes == 0 {
-		probes = 10
-	}
+	probes := probesOf(v)
 	// Wait for the destinations to listen.
 	var cur v1alpha1.MeshVerification
 	deadline := time.Now().Add(verifyWaitPeer)
@@ -598,6 +580,10 @@ func (a *Agent) verifySource(ctx context.Context, v *v1alpha1.MeshVerification, 
 	}
 	return a.applyVerification(ctx, v.Name, roleSource, out)
 }
+
+// probesOf is the verification's probes per pair; the API server defaults it to 10, and so
+// does this for an object written without the default.
+func probesOf(v *v1alpha1.MeshVerification) int32 { return cmp.Or(v.Spec.Probes, 10) }
 
 // cipher names the cipher a node's applied mode encrypts with.
 func (a *Agent) cipher(mn *v1alpha1.MeshNode) string {
