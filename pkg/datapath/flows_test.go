@@ -214,7 +214,9 @@ func TestFlowEvents(t *testing.T) {
 }
 
 // pinToOneCPU keeps the calling goroutine on one OS thread bound to one CPU, so that the
-// per-CPU sampler sees every run. The thread is discarded when the goroutine ends.
+// per-CPU sampler sees every run. The thread is discarded when the goroutine ends. A subtest
+// runs on a goroutine of its own and must pin itself; every pin picks the same CPU (the first
+// the process may use).
 func pinToOneCPU(t *testing.T) {
 	t.Helper()
 	runtime.LockOSThread()
@@ -289,6 +291,7 @@ func TestFlowSampling(t *testing.T) {
 		{"off", FlowConfig{Sample: 1}, [][]byte{allowed, denied}, nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
+			pinToOneCPU(t) // a subtest runs on a goroutine of its own: the parent's pin does not hold here
 			// Off, then on: the sampler starts afresh.
 			if err := c.SetFlowEvents(FlowConfig{}); err != nil {
 				t.Fatal(err)
