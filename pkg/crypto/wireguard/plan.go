@@ -40,6 +40,10 @@ type Config struct {
 	PrivateKey wgtypes.Key
 	// ListenPort is the device's UDP port; 0 leaves the port unchanged.
 	ListenPort int
+	// FirewallMark is the mark the device puts on the packets it sends (its encapsulated
+	// UDP), so policy routing can keep them out of the tunnel when node addresses are
+	// routed into it (node encryption); 0 leaves the device's mark unchanged.
+	FirewallMark int
 	// Peers is the complete desired peer set: peers on the device that are
 	// not listed are removed.
 	Peers []Peer
@@ -53,7 +57,7 @@ type PlanStats struct {
 	Updated int
 	// Removed is the number of peers removed.
 	Removed int
-	// Settings is true when the private key or listen port changes.
+	// Settings is true when the private key, listen port or firewall mark changes.
 	Settings bool
 }
 
@@ -135,8 +139,8 @@ func Plan(current *wgtypes.Device, desired Config) (cfg wgtypes.Config, changed 
 }
 
 // Diff is [Plan] that also counts the work. The returned configuration:
-//   - sets PrivateKey and ListenPort only when desired sets them (non-zero)
-//     and they differ from current;
+//   - sets PrivateKey, ListenPort and FirewallMark only when desired sets
+//     them (non-zero) and they differ from current;
 //   - never sets ReplacePeers;
 //   - lists first every peer of current that desired lacks, with Remove set,
 //     in public key order;
@@ -163,6 +167,10 @@ func Diff(current *wgtypes.Device, desired Config) (wgtypes.Config, PlanStats) {
 	}
 	if desired.ListenPort != 0 && desired.ListenPort != current.ListenPort {
 		cfg.ListenPort = new(desired.ListenPort)
+		stats.Settings = true
+	}
+	if desired.FirewallMark != 0 && desired.FirewallMark != current.FirewallMark {
+		cfg.FirewallMark = new(desired.FirewallMark)
 		stats.Settings = true
 	}
 

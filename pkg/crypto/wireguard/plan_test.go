@@ -90,6 +90,22 @@ func TestPlan(t *testing.T) {
 			wantStats: PlanStats{Settings: true},
 		},
 		{
+			name:      "firewall mark set",
+			current:   synced,
+			desired:   Config{FirewallMark: 0x6d63, Peers: []Peer{peerA, peerB}},
+			want:      wgtypes.Config{FirewallMark: new(0x6d63)},
+			wantStats: PlanStats{Settings: true},
+		},
+		{
+			name: "firewall mark unchanged",
+			current: func() *wgtypes.Device {
+				d := *synced
+				d.FirewallMark = 0x6d63
+				return &d
+			}(),
+			desired: Config{FirewallMark: 0x6d63, Peers: []Peer{peerA, peerB}},
+		},
+		{
 			name: "device order and forms of allowed IPs do not matter",
 			current: dev(withCur(curA, func(p *wgtypes.Peer) {
 				p.AllowedIPs = []net.IPNet{
