@@ -124,6 +124,7 @@ func newRootCmd() *cobra.Command {
 	f.StringVar(&opts.BootIDPath, "boot-id-file", "/proc/sys/kernel/random/boot_id", "file holding this boot's ID")
 	f.IntVar(&opts.RouteTable, "route-table", 0, "routing table for tunnel routes (default 28003)")
 	f.IntVar(&opts.RulePriority, "rule-priority", 0, "priority of the rule that looks up the tunnel table (default 1000)")
+	f.Uint32Var(&opts.FirewallMark, "firewall-mark", 0, "mark of the WireGuard device's own packets, which the tunnel table's rule skips (default 0x6d63)")
 	f.DurationVar(&opts.ResyncPeriod, "resync-period", 0, "how often to re-apply the desired state (default 30s)")
 	f.DurationVar(&opts.StatusPeriod, "status-period", 0, "how often to refresh peer handshakes in status (default 10s)")
 	f.StringVar(&metricsAddr, "metrics-addr", fmt.Sprintf(":%d", metrics.DefaultPort), "listen address of /metrics, /healthz and /readyz (\"\" disables)")

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
@@ -56,10 +55,10 @@ func newEncryptionCmd(g *globals) *cobra.Command {
 		Short: "turn encryption of pod traffic between nodes on or off for the whole cluster",
 	}
 	var mode string
-	var strict bool
+	var strict, nodeEnc bool
 	var wf waitFlags
 	enable := &cobra.Command{
-		Use:   "enable --mode wireguard|ipsec [--strict] [--wait]",
+		Use:   "enable --mode wireguard|ipsec [--strict] [--node-encryption] [--wait]",
 		Short: "encrypt pod traffic between nodes",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -67,12 +66,16 @@ func newEncryptionCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return setMode(cmd.Context(), g, cmd.OutOrStdout(), m, strict, wf)
+			if nodeEnc && m != v1alpha1.ModeWireGuard {
+				return fmt.Errorf("--node-encryption needs --mode wireguard: IPsec encrypts pod traffic only")
+			}
+			return setMode(cmd.Context(), g, cmd.OutOrStdout(), v1alpha1.EncryptionSpec{Mode: m, Strict: strict, NodeEncryption: nodeEnc}, wf)
 		},
 	}
 	enable.Flags().StringVar(&mode, "mode", "", "encryption mode: "+strings.Join(modeNames(), ", "))
 	_ = enable.RegisterFlagCompletionFunc("mode", cobra.FixedCompletions(modeNames(), cobra.ShellCompDirectiveNoFileComp))
 	enable.Flags().BoolVar(&strict, "strict", false, "drop, never send in clear, pod traffic to nodes whose tunnel is not ready")
+	enable.Flags().BoolVar(&nodeEnc, "node-encryption", false, "encrypt traffic between the nodes' own addresses too (mode wireguard; nodes matching MeshConfig nodeEncryptionOptOutLabels, by default control-plane nodes, opt out)")
 	_ = enable.MarkFlagRequired("mode")
 	wf.register(enable)
 	var dwf waitFlags
@@ -81,7 +84,7 @@ func newEncryptionCmd(g *globals) *cobra.Command {
 		Short: "send pod traffic between nodes in clear (removes every tunnel)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return setMode(cmd.Context(), g, cmd.OutOrStdout(), v1alpha1.ModeDisabled, false, dwf)
+			return setMode(cmd.Context(), g, cmd.OutOrStdout(), v1alpha1.EncryptionSpec{Mode: v1alpha1.ModeDisabled}, dwf)
 		},
 	}
 	dwf.register(disable)
@@ -91,12 +94,14 @@ func newEncryptionCmd(g *globals) *cobra.Command {
 
 // setMode writes the mode into the MeshConfig (creating it if needed) and, with --wait,
 // follows every node until it has applied it.
-func setMode(ctx context.Context, g *globals, out io.Writer, mode v1alpha1.EncryptionMode, strict bool, wf waitFlags) error {
+func setMode(ctx context.Context, g *globals, out io.Writer, want v1alpha1.EncryptionSpec, wf waitFlags) error {
+	mode := want.Mode
 	c, err := g.client()
 	if err != nil {
 		return err
 	}
 	var previous v1alpha1.EncryptionMode
+	var applied v1alpha1.EncryptionSpec
 	by := whoAmI(ctx, g)
 	change := ""
 	err = updateMeshConfig(ctx, c, func(mc *v1alpha1.MeshConfig) error {
@@ -105,11 +110,16 @@ func setMode(ctx context.Context, g *globals, out io.Writer, mode v1alpha1.Encry
 			previous = v1alpha1.ModeDisabled
 		}
 		change = fmt.Sprintf("encryption mode %s -> %s", previous, mode)
-		if strict {
+		if want.Strict {
 			change += " (strict)"
 		}
+		if want.NodeEncryption {
+			change += " (node encryption)"
+		}
 		mc.Spec.Encryption.Mode = mode
-		mc.Spec.Encryption.Strict = strict
+		mc.Spec.Encryption.Strict = want.Strict
+		mc.Spec.Encryption.NodeEncryption = want.NodeEncryption
+		applied = mc.Spec.Encryption
 		if mc.Annotations == nil {
 			mc.Annotations = map[string]string{}
 		}
@@ -126,12 +136,14 @@ func setMode(ctx context.Context, g *globals, out io.Writer, mode v1alpha1.Encry
 	if !wf.wait {
 		return nil
 	}
-	return waitForMode(ctx, c, out, mode, wf.timeout)
+	return waitForMode(ctx, c, out, applied, wf.timeout)
 }
 
-// waitForMode polls the MeshNodes until every node has applied mode, printing each node's
-// progress when it changes.
-func waitForMode(ctx context.Context, c client.Client, out io.Writer, mode v1alpha1.EncryptionMode, timeout time.Duration) error {
+// waitForMode polls the MeshNodes until every node has applied enc's mode, and announces
+// node encryption exactly when enc asks it of the node, printing each node's progress when
+// it changes.
+func waitForMode(ctx context.Context, c client.Client, out io.Writer, enc v1alpha1.EncryptionSpec, timeout time.Duration) error {
+	mode := enc.Mode
 	return waitNodes(ctx, out, waitOptions{
 		timeout: timeout,
 		what:    "nodes to apply " + string(mode),
@@ -140,19 +152,25 @@ func waitForMode(ctx context.Context, c client.Client, out io.Writer, mode v1alp
 			if err := c.List(ctx, &list); err != nil {
 				return nil, fmt.Errorf("list MeshNodes: %w", err)
 			}
-			var nodes corev1.NodeList
-			if err := c.List(ctx, &nodes); err != nil {
-				return nil, fmt.Errorf("list Nodes: %w", err)
+			labels, err := nodeLabels(ctx, c)
+			if err != nil {
+				return nil, err
 			}
-			expected := make([]string, len(nodes.Items))
-			for i, n := range nodes.Items {
-				expected[i] = n.Name
-			}
+			expected := slices.Sorted(maps.Keys(labels))
 			lines := map[string]string{}
 			for _, p := range status.Progress(mode, list.Items, expected) {
 				lines[p.Node] = "waiting: " + p.Waiting
 				if p.Done {
 					lines[p.Node] = "done"
+				}
+			}
+			for i := range list.Items {
+				mn := &list.Items[i]
+				if lines[mn.Name] != "done" {
+					continue
+				}
+				if w := status.HostPending(&enc, mn, labels[mn.Name]); w != "" {
+					lines[mn.Name] = "waiting: " + w
 				}
 			}
 			return lines, nil

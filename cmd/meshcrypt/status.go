@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -92,26 +93,35 @@ func readStatus(ctx context.Context, c client.Client) (status.Report, error) {
 	if err := c.List(ctx, &meshNodes); err != nil {
 		return status.Report{}, fmt.Errorf("list MeshNodes: %w", err)
 	}
-	names, err := nodeNames(ctx, c)
+	labels, err := nodeLabels(ctx, c)
 	if err != nil {
 		return status.Report{}, err
 	}
-	return status.Evaluate(status.Input{Config: cfg, MeshNodes: meshNodes.Items, Nodes: names}), nil
+	names := slices.Sorted(maps.Keys(labels))
+	return status.Evaluate(status.Input{Config: cfg, MeshNodes: meshNodes.Items, Nodes: names, NodeLabels: labels}), nil
 }
 
 // nodeNames lists the names of the cluster's Kubernetes nodes, sorted (metadata only).
 func nodeNames(ctx context.Context, c client.Client) ([]string, error) {
+	labels, err := nodeLabels(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	return slices.Sorted(maps.Keys(labels)), nil
+}
+
+// nodeLabels lists the cluster's Kubernetes nodes with their labels, by name (metadata only).
+func nodeLabels(ctx context.Context, c client.Client) (map[string]map[string]string, error) {
 	var list metav1.PartialObjectMetadataList
 	list.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("NodeList"))
 	if err := c.List(ctx, &list); err != nil {
 		return nil, fmt.Errorf("list Nodes: %w", err)
 	}
-	names := make([]string, len(list.Items))
+	out := make(map[string]map[string]string, len(list.Items))
 	for i := range list.Items {
-		names[i] = list.Items[i].Name
+		out[list.Items[i].Name] = list.Items[i].Labels
 	}
-	slices.Sort(names)
-	return names, nil
+	return out, nil
 }
 
 // nodeNotFound is the error for a node name the cluster does not have.

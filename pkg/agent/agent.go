@@ -73,6 +73,9 @@ type Options struct {
 	BootIDPath string
 	// RouteTable and RulePriority place the tunnel routes; zero means the datapath defaults.
 	RouteTable, RulePriority int
+	// FirewallMark is the mark of the WireGuard device's own packets, which the tunnel
+	// table's rule skips; zero means datapath.DefaultFirewallMark.
+	FirewallMark uint32
 	// ResyncPeriod re-applies the desired state to heal drift; default 30 s.
 	ResyncPeriod time.Duration
 	// StatusPeriod refreshes peer handshakes in status; default 10 s.
@@ -121,7 +124,14 @@ const DefaultListenPort = 51871
 
 // Agent reconciles one node. Create it with New and start it with Run.
 type Agent struct {
-	opts    Options
+	opts Options
+	// host is node encryption's state: announced is what MeshNode spec.nodeEncryption says
+	// (true only once applied), known whether it was read from the MeshNode an earlier run
+	// published, optOutErr the last opt-out selector error reported.
+	host struct {
+		announced, known bool
+		optOutErr        string
+	}
 	log     *slog.Logger
 	scheme  *runtime.Scheme
 	trigger chan struct{}
@@ -650,6 +660,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	// and the ipcache take both; IPsec, the identity of this node and status take only
 	// this cluster's.
 	allNodes := append(slices.Clip(list.Items), remote.nodes...)
+	hostOn := a.nodeEncryption(mc.Spec.Encryption, &node, list.Items)
 	if err := a.publishSpec(ctx, &node, local, list.Items, mode == v1alpha1.ModeIPsec && a.refused == nil); err != nil {
 		return err
 	}
@@ -687,7 +698,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	a.mu.Unlock()
 	a.promptKeys = rotatedPeers(a.peers, peers, a.promptKeys)
 
-	cfg := wireguard.Config{PrivateKey: a.key, ListenPort: a.opts.WireGuard.ListenPort}
+	cfg := wireguard.Config{PrivateKey: a.key, ListenPort: a.opts.WireGuard.ListenPort, FirewallMark: int(a.firewallMark())}
 	route := a.routeConfig()
 	plan, err := a.planPolicy(ctx, remote.identities)
 	if err != nil {
@@ -741,11 +752,15 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		if err != nil && !errors.Is(err, wireguard.ErrDeviceGone) {
 			return fmt.Errorf("read WireGuard device: %w", err)
 		}
+		route.Prefixes = routePrefixes(peers)
+		host := withNodeAddresses(peers, list.Items, local, hostOn)
+		peers = host.peers
+		route.Prefixes = append(route.Prefixes, host.routes...)
+		route.Sources = host.sources
 		if err := a.applyPolicy(ctx, plan, allNodes, stillReady(cur, peers)); err != nil {
 			return err
 		}
 		cfg.Peers = peers
-		route.Prefixes = routePrefixes(peers)
 		// cur is a moment old: the device plans against it (wireguard.SnapshotMaxAge)
 		// instead of reading every peer again.
 		if wst, err = a.applyDeviceFrom(ctx, cfg, cur); err != nil {
@@ -762,6 +777,14 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		}
 		if err := a.teardownIPsec(ctx, local, list.Items, assigned); err != nil {
 			return err
+		}
+		if hostOn && !a.host.announced {
+			// Applied: the other nodes may now route this node's addresses into their tunnels.
+			a.host.announced = true
+			a.log.Info("node encryption applied: announcing it", "peers", len(peers))
+			if err := a.publishSpec(ctx, &node, local, list.Items, false); err != nil {
+				return err
+			}
 		}
 	case mode == v1alpha1.ModeIPsec:
 		grace := DefaultRotationGracePeriod
@@ -877,6 +900,7 @@ func (a *Agent) meshNodeRef() *v1alpha1.MeshNode {
 func (a *Agent) publishSpec(ctx context.Context, node *corev1.Node, local localNode, nodes []v1alpha1.MeshNode, ipsecOn bool) error {
 	want := meshNodeSpec(local, a.key.PublicKey(), a.opts.WireGuard.ListenPort, a.bootID)
 	want.Endpoints = a.endpoints
+	want.NodeEncryption = a.host.announced
 	for _, h := range a.health {
 		want.HealthIPs = append(want.HealthIPs, v1alpha1.IP(h.String()))
 	}

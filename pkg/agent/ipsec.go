@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto/fips140"
 	"errors"
@@ -446,5 +447,10 @@ func (a *Agent) ipsecStatus(ctx context.Context) (*v1alpha1.IPsecStatus, []v1alp
 
 // routeConfig is the node's tunnel routing without any tunnel routes.
 func (a *Agent) routeConfig() datapath.RouteConfig {
-	return datapath.RouteConfig{Device: a.dev.Name(), Table: a.opts.RouteTable, RulePriority: a.opts.RulePriority}
+	return datapath.RouteConfig{Device: a.dev.Name(), Table: a.opts.RouteTable, RulePriority: a.opts.RulePriority, FirewallMark: a.firewallMark()}
+}
+
+// firewallMark is the mark of the WireGuard device's own packets (Options.FirewallMark).
+func (a *Agent) firewallMark() uint32 {
+	return cmp.Or(a.opts.FirewallMark, datapath.DefaultFirewallMark)
 }

@@ -19,6 +19,13 @@ const DefaultTable = 0x6d63 // "mc"
 // table (0) and before main (32766), so tunnel routes win over the underlay routes.
 const DefaultRulePriority = 1000
 
+// DefaultFirewallMark is the mark the WireGuard device puts on the packets it sends. The rule
+// that looks up the tunnel table skips packets carrying it, so the tunnel's own encapsulated
+// packets leave through the underlay routes even when the peers' underlay addresses are
+// routed into the tunnel (node encryption). Compared on all 32 bits: other marks (kube-proxy's
+// 0x4000, ...) still use the table.
+const DefaultFirewallMark = 0x6d63
+
 // routeProtocol marks the routes meshcrypt installs (RTPROT values above 4 are free for
 // routing daemons; 0x6d is unassigned).
 const routeProtocol netlink.RouteProtocol = 0x6d
@@ -33,6 +40,13 @@ type RouteConfig struct {
 	// Blocked are destinations with a blackhole route only (strict mode: remote pods whose
 	// tunnel is not ready are dropped, never routed to the underlay).
 	Blocked []netip.Prefix
+	// Sources are preferred source addresses for some of Prefixes: a node's own underlay
+	// address for the routes to other nodes' underlay addresses (node encryption), so the
+	// peer sees a source it allows from this node.
+	Sources map[netip.Prefix]netip.Addr
+	// FirewallMark, when not 0, makes the policy rule skip packets carrying it (the
+	// tunnel device's own); see DefaultFirewallMark.
+	FirewallMark uint32
 	// Table and RulePriority default to DefaultTable and DefaultRulePriority.
 	Table, RulePriority int
 }
@@ -123,10 +137,14 @@ func (r *Routes) Apply(ctx context.Context, cfg RouteConfig) (RouteStats, error)
 					}
 					rt = r.blackhole(p, cfg.Table)
 				} else {
-					if ok && cur.LinkIndex == link.Attrs().Index {
+					src := cfg.Sources[p]
+					if ok && cur.LinkIndex == link.Attrs().Index && srcOf(cur) == src {
 						continue
 					}
 					rt = r.route(p, cfg.Table, link.Attrs().Index)
+					if src.IsValid() {
+						rt.Src = src.AsSlice()
+					}
 				}
 				if err := r.h.RouteReplace(rt); err != nil {
 					return st, fmt.Errorf("route %s (blackhole %v) in table %d: %w", p, blackhole, cfg.Table, err)
@@ -143,7 +161,7 @@ func (r *Routes) Apply(ctx context.Context, cfg RouteConfig) (RouteStats, error)
 			}
 			st.Removed++
 		}
-		added, removed, err := r.applyRule(family, cfg.Table, cfg.RulePriority, familyWanted)
+		added, removed, err := r.applyRule(family, cfg.Table, cfg.RulePriority, cfg.FirewallMark, familyWanted)
 		st.RulesAdded += added
 		st.RulesRemoved += removed
 		if err != nil {
@@ -223,7 +241,10 @@ func (r *Routes) list(family, table int) (map[routeKey]netlink.Route, error) {
 	return out, nil
 }
 
-func (r *Routes) applyRule(family, table, priority int, want bool) (added, removed int, err error) {
+// applyRule makes the family's rules for table exactly one when want ("lookup table", or
+// "not fwmark mark lookup table" when mark is set, at priority), none otherwise. A changed
+// rule is added before the old one goes, so the table is never out of reach meanwhile.
+func (r *Routes) applyRule(family, table, priority int, mark uint32, want bool) (added, removed int, err error) {
 	var rules []netlink.Rule
 	err = retryDump(func() error {
 		var err error
@@ -233,30 +254,52 @@ func (r *Routes) applyRule(family, table, priority int, want bool) (added, remov
 	if err != nil {
 		return 0, 0, fmt.Errorf("list rules for table %d: %w", table, err)
 	}
-	found := false
-	for _, rl := range rules {
-		if want && rl.Priority == priority && !found {
-			found = true
+	keep := -1
+	for i, rl := range rules {
+		if want && rl.Priority == priority && rl.Mark == mark && rl.Invert == (mark != 0) && fullMask(rl.Mask) {
+			keep = i
+			break
+		}
+	}
+	if want && keep < 0 {
+		rl := netlink.NewRule()
+		rl.Family = family
+		rl.Table = table
+		rl.Priority = priority
+		if mark != 0 {
+			rl.Mark = mark
+			rl.Mask = new(uint32(0xffffffff))
+			rl.Invert = true
+		}
+		if err := r.h.RuleAdd(rl); err != nil {
+			return added, removed, fmt.Errorf("add rule for table %d: %w", table, err)
+		}
+		added++
+	}
+	for i, rl := range rules {
+		if i == keep {
 			continue
 		}
-		rl := rl
 		rl.Family = family
 		if err := r.h.RuleDel(&rl); err != nil && !errors.Is(err, unix.ENOENT) {
 			return added, removed, fmt.Errorf("delete rule for table %d: %w", table, err)
 		}
 		removed++
 	}
-	if want && !found {
-		rl := netlink.NewRule()
-		rl.Family = family
-		rl.Table = table
-		rl.Priority = priority
-		if err := r.h.RuleAdd(rl); err != nil {
-			return added, removed, fmt.Errorf("add rule for table %d: %w", table, err)
-		}
-		added++
-	}
 	return added, removed, nil
+}
+
+// fullMask reports whether a listed rule's fwmark mask compares every bit (the kernel's
+// default when a mark is given without a mask).
+func fullMask(m *uint32) bool { return m == nil || *m == 0xffffffff }
+
+// srcOf is a listed route's preferred source address, or the zero Addr.
+func srcOf(rt netlink.Route) netip.Addr {
+	a, ok := netip.AddrFromSlice(rt.Src)
+	if !ok {
+		return netip.Addr{}
+	}
+	return a.Unmap()
 }
 
 // retryDump runs a netlink dump again when the kernel reports it was interrupted: a partial

@@ -172,3 +172,77 @@ func TestDeviceLossDropsInsteadOfClear(t *testing.T) {
 		t.Fatalf("device gone: route lookup succeeded (%+v); want the blackhole to refuse it", got)
 	}
 }
+
+// TestNodeAddressesThroughTunnel checks node encryption's routing: another node's underlay
+// address goes through the tunnel device with this node's underlay address as source, while
+// packets carrying the tunnel device's mark (its encapsulated UDP) still take the underlay.
+// Changing the mark replaces the rule without a moment without one.
+func TestNodeAddressesThroughTunnel(t *testing.T) {
+	_, h := testutil.NewNetNS(t)
+	for _, name := range []string{"tun0", "eth0"} {
+		if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}); err != nil {
+			t.Fatal(err)
+		}
+		l, _ := h.LinkByName(name)
+		if err := h.LinkSetUp(l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eth0, _ := h.LinkByName("eth0")
+	tun0, _ := h.LinkByName("tun0")
+	addr, _ := netlink.ParseAddr("192.0.2.1/24")
+	if err := h.AddrAdd(eth0, addr); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	r := NewRoutes(h)
+	self, peer := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("192.0.2.2")
+	peerHost := netip.PrefixFrom(peer, 32)
+	cfg := RouteConfig{
+		Device:       "tun0",
+		Prefixes:     []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24"), peerHost},
+		Sources:      map[netip.Prefix]netip.Addr{peerHost: self},
+		FirewallMark: DefaultFirewallMark,
+	}
+	st, err := r.Apply(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(RouteStats{Added: 4, RulesAdded: 1}, st); d != "" {
+		t.Errorf("stats (-want +got):\n%s", d)
+	}
+	routeVia := func(mark uint32) (int, netip.Addr) {
+		t.Helper()
+		got, err := h.RouteGetWithOptions(peer.AsSlice(), &netlink.RouteGetOptions{Mark: mark})
+		if err != nil || len(got) != 1 {
+			t.Fatalf("route lookup for %s with mark %#x: %v %+v", peer, mark, err, got)
+		}
+		src, _ := netip.AddrFromSlice(got[0].Src)
+		return got[0].LinkIndex, src.Unmap()
+	}
+	if link, src := routeVia(0); link != tun0.Attrs().Index || src != self {
+		t.Errorf("unmarked packets to %s: link %d source %s, want tun0 (%d) source %s", peer, link, src, tun0.Attrs().Index, self)
+	}
+	if link, _ := routeVia(DefaultFirewallMark); link != eth0.Attrs().Index {
+		t.Errorf("the tunnel's own packets to %s: link %d, want the underlay eth0 (%d)", peer, link, eth0.Attrs().Index)
+	}
+	if link, _ := routeVia(0x4000); link != tun0.Attrs().Index {
+		t.Errorf("packets with another mark (0x4000) to %s: link %d, want tun0 (%d)", peer, link, tun0.Attrs().Index)
+	}
+	if st, err := r.Apply(ctx, cfg); err != nil || st != (RouteStats{}) {
+		t.Errorf("second apply: %+v %v, want no change", st, err)
+	}
+	// A source change rewrites that route only; a rule without mark replaces the marked one.
+	delete(cfg.Sources, peerHost)
+	cfg.FirewallMark = 0
+	st, err = r.Apply(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(RouteStats{Added: 1, RulesAdded: 1, RulesRemoved: 1}, st); d != "" {
+		t.Errorf("stats after source and mark change (-want +got):\n%s", d)
+	}
+	if link, _ := routeVia(DefaultFirewallMark); link != tun0.Attrs().Index {
+		t.Errorf("without the mark rule, marked packets to %s: link %d, want tun0 (%d)", peer, link, tun0.Attrs().Index)
+	}
+}

@@ -72,3 +72,19 @@ func progress(mode v1alpha1.EncryptionMode, n *v1alpha1.MeshNode, all []v1alpha1
 	p.Done = true
 	return p
 }
+
+// HostPending says what a node that has applied enc's mode still lacks for node encryption:
+// announcing it (MeshNode spec.nodeEncryption) when enc asks it of the node (not opted out),
+// withdrawing it otherwise. Empty when the node is where enc wants it.
+func HostPending(enc *v1alpha1.EncryptionSpec, mn *v1alpha1.MeshNode, nodeLabels map[string]string) string {
+	want, err := enc.NodeEncryptionFor(nodeLabels)
+	switch {
+	case err != nil:
+		return err.Error()
+	case want && !mn.Spec.NodeEncryption:
+		return "node encryption not applied yet"
+	case !want && mn.Spec.NodeEncryption:
+		return "node encryption still announced"
+	}
+	return ""
+}

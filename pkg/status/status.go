@@ -1,6 +1,7 @@
 package status
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -25,6 +26,8 @@ type Report struct {
 	Mode v1alpha1.EncryptionMode `json:"mode"`
 	// Strict is the configured strict mode.
 	Strict bool `json:"strict"`
+	// NodeEncryption is the configured node encryption (host traffic too, mode WireGuard).
+	NodeEncryption bool `json:"nodeEncryption,omitempty"`
 	// Compliant is true when encryption is on and every node pair is encrypted, judged from
 	// both nodes' published state.
 	Compliant bool `json:"compliant"`
@@ -86,6 +89,22 @@ type Pair struct {
 	Reason string `json:"reason,omitempty"`
 	// LastHandshake is the most recent handshake either side reports.
 	LastHandshake *time.Time `json:"lastHandshake,omitempty"`
+	// Host is the state of the traffic between the two nodes' own addresses when node
+	// encryption is configured; nil otherwise.
+	Host *HostPair `json:"host,omitempty"`
+}
+
+// HostPair is the state of the host traffic between two nodes (node encryption).
+type HostPair struct {
+	// Encrypted is true when the pod traffic between the nodes is encrypted and both
+	// announce node encryption (MeshNode spec.nodeEncryption), which they do only once
+	// applied: each then routes the other's addresses into the tunnel.
+	Encrypted bool `json:"encrypted"`
+	// OptedOut is true when a node's labels match the opt-out selector: the pair's host
+	// traffic is in clear by configuration, which does not make the report non-compliant.
+	OptedOut bool `json:"optedOut,omitempty"`
+	// Reason says why the host traffic is not encrypted.
+	Reason string `json:"reason,omitempty"`
 }
 
 // Input is what a report is computed from.
@@ -100,6 +119,9 @@ type Input struct {
 	// the list (left over from a deleted node; agents refuse it as a peer) is listed but
 	// paired with nothing. nil pairs the MeshNodes alone.
 	Nodes []string
+	// NodeLabels are the Kubernetes nodes' labels, by name, for the node encryption opt-out
+	// selector. A node missing from it has no labels.
+	NodeLabels map[string]map[string]string
 }
 
 // Compute builds the report from the MeshConfig (nil: mode Disabled) and the MeshNodes
@@ -115,6 +137,7 @@ func Evaluate(in Input) Report {
 	if cfg := in.Config; cfg != nil && cfg.Spec.Encryption.Mode != "" {
 		r.Mode = cfg.Spec.Encryption.Mode
 		r.Strict = cfg.Spec.Encryption.Strict
+		r.NodeEncryption = cfg.Spec.Encryption.NodeEncryption && r.Mode == v1alpha1.ModeWireGuard
 	}
 	byName := map[string]*v1alpha1.MeshNode{}
 	for i := range in.MeshNodes {
@@ -148,7 +171,11 @@ func Evaluate(in Input) Report {
 	}
 	for i, a := range pairedNames {
 		for _, b := range pairedNames[i+1:] {
-			r.Pairs = append(r.Pairs, pair(r.Mode, r.Strict, a, b, byName[a], byName[b]))
+			p := pair(r.Mode, r.Strict, a, b, byName[a], byName[b])
+			if r.NodeEncryption {
+				p.Host = hostPair(&in.Config.Spec.Encryption, p, byName[a], byName[b], in.NodeLabels)
+			}
+			r.Pairs = append(r.Pairs, p)
 		}
 	}
 	r.judge(len(pairedNames))
@@ -198,6 +225,32 @@ func nodeRow(name string, mn *v1alpha1.MeshNode, paired bool, peers int) Node {
 	return n
 }
 
+// hostPair judges the host traffic of a pair whose pod traffic p is judged: encrypted when p
+// is and both nodes announce node encryption; in clear by configuration when a node opts out.
+func hostPair(enc *v1alpha1.EncryptionSpec, p Pair, ma, mb *v1alpha1.MeshNode, nodeLabels map[string]map[string]string) *HostPair {
+	for _, side := range []struct {
+		name string
+		mn   *v1alpha1.MeshNode
+	}{{p.A, ma}, {p.B, mb}} {
+		on, err := enc.NodeEncryptionFor(nodeLabels[side.name])
+		switch {
+		case err != nil:
+			return &HostPair{Reason: err.Error()}
+		case !on:
+			return &HostPair{OptedOut: true, Reason: side.name + " opts out (nodeEncryptionOptOutLabels)"}
+		}
+	}
+	switch {
+	case !p.Encrypted:
+		return &HostPair{Reason: "pod traffic not encrypted"}
+	case !ma.Spec.NodeEncryption:
+		return &HostPair{Reason: p.A + " has not applied node encryption"}
+	case !mb.Spec.NodeEncryption:
+		return &HostPair{Reason: p.B + " has not applied node encryption"}
+	}
+	return &HostPair{Encrypted: true}
+}
+
 // judge sets the verdict from the pairs; nodes is the number of paired nodes.
 func (r *Report) judge(nodes int) {
 	modeText := string(r.Mode)
@@ -205,10 +258,22 @@ func (r *Report) judge(nodes int) {
 		modeText += ", strict"
 	}
 	total, encrypted := len(r.Pairs), 0
+	hostEncrypted, optedOut := 0, 0
 	for _, p := range r.Pairs {
 		if p.Encrypted {
 			encrypted++
 		}
+		if p.Host != nil && p.Host.Encrypted {
+			hostEncrypted++
+		}
+		if p.Host != nil && p.Host.OptedOut {
+			optedOut++
+		}
+	}
+	hostMissing := 0
+	if r.NodeEncryption {
+		modeText += ", node encryption"
+		hostMissing = total - hostEncrypted - optedOut
 	}
 	pairs := fmt.Sprintf("%d node pairs", total)
 	if r.Scope != "" {
@@ -226,9 +291,14 @@ func (r *Report) judge(nodes int) {
 	case total == 0:
 		r.Compliant = true
 		r.Verdict = fmt.Sprintf("compliant: %s, no node pairs (%s)", count(nodes, "node"), modeText)
+	case encrypted == total && hostMissing > 0:
+		r.Verdict = fmt.Sprintf("NOT compliant: host traffic of %d of %s not encrypted (%s)", hostMissing, pairs, modeText)
 	case encrypted == total:
 		r.Compliant = true
 		r.Verdict = fmt.Sprintf("compliant: all %s encrypted (%s)", pairs, modeText)
+		if r.NodeEncryption {
+			r.Verdict += fmt.Sprintf("; host traffic encrypted on %d, in clear by opt-out on %d", hostEncrypted, optedOut)
+		}
 	default:
 		r.Verdict = fmt.Sprintf("NOT compliant: %d of %s not encrypted (%s)", total-encrypted, pairs, modeText)
 	}
@@ -250,7 +320,7 @@ func judged(m v1alpha1.EncryptionMode) bool {
 // Only returns the report limited to one node: that node's row, the pairs it is part of,
 // and the verdict on those pairs. ok is false when the report has no node of that name.
 func (r Report) Only(name string) (_ Report, ok bool) {
-	out := Report{Mode: r.Mode, Strict: r.Strict, Scope: name}
+	out := Report{Mode: r.Mode, Strict: r.Strict, NodeEncryption: r.NodeEncryption, Scope: name}
 	for _, n := range r.Nodes {
 		if n.Name == name {
 			out.Nodes = append(out.Nodes, n)
@@ -369,11 +439,14 @@ func WriteYAML(w io.Writer, v any) error {
 // ages are relative to now.
 func (r Report) WriteTable(w io.Writer, now time.Time) error {
 	fmt.Fprintln(w, r.Verdict)
+	mode := string(r.Mode)
 	if r.Strict {
-		fmt.Fprintf(w, "mode: %s, strict\n\n", r.Mode)
-	} else {
-		fmt.Fprintf(w, "mode: %s\n\n", r.Mode)
+		mode += ", strict"
 	}
+	if r.NodeEncryption {
+		mode += ", node encryption"
+	}
+	fmt.Fprintf(w, "mode: %s\n\n", mode)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "NODE\tMODE\tBACKEND\tKEY\tPEERS READY\tMTU\tREADY")
 	for _, n := range r.Nodes {
@@ -405,7 +478,11 @@ func (r Report) WriteTable(w io.Writer, now time.Time) error {
 	}
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "PAIR\tENCRYPTED\tLAST HANDSHAKE\tREASON")
+	if r.NodeEncryption {
+		fmt.Fprintln(tw, "PAIR\tENCRYPTED\tHOST TRAFFIC\tLAST HANDSHAKE\tREASON")
+	} else {
+		fmt.Fprintln(tw, "PAIR\tENCRYPTED\tLAST HANDSHAKE\tREASON")
+	}
 	for _, p := range r.Pairs {
 		enc := "yes"
 		if !p.Encrypted {
@@ -415,7 +492,19 @@ func (r Report) WriteTable(w io.Writer, now time.Time) error {
 		if p.LastHandshake != nil {
 			hs = now.Sub(*p.LastHandshake).Truncate(time.Second).String() + " ago"
 		}
-		fmt.Fprintf(tw, "%s <-> %s\t%s\t%s\t%s\n", p.A, p.B, enc, hs, dash(p.Reason))
+		if !r.NodeEncryption {
+			fmt.Fprintf(tw, "%s <-> %s\t%s\t%s\t%s\n", p.A, p.B, enc, hs, dash(p.Reason))
+			continue
+		}
+		host, reason := "encrypted", p.Reason
+		if h := p.Host; h != nil && !h.Encrypted {
+			host = "NO"
+			if h.OptedOut {
+				host = "clear (opt-out)"
+			}
+			reason = cmp.Or(p.Reason, h.Reason)
+		}
+		fmt.Fprintf(tw, "%s <-> %s\t%s\t%s\t%s\t%s\n", p.A, p.B, enc, host, hs, dash(reason))
 	}
 	return tw.Flush()
 }

@@ -469,3 +469,76 @@ func TestWriteTableIPsec(t *testing.T) {
 		}
 	}
 }
+
+func TestEvaluateNodeEncryption(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	announce := func(n v1alpha1.MeshNode) v1alpha1.MeshNode {
+		n.Spec.NodeEncryption = true
+		return n
+	}
+	n1 := node("n1", keyA, v1alpha1.ModeWireGuard, peer("n2", keyB, now), peer("n3", keyC, now))
+	n2 := node("n2", keyB, v1alpha1.ModeWireGuard, peer("n1", keyA, now), peer("n3", keyC, now))
+	n3 := node("n3", keyC, v1alpha1.ModeWireGuard, peer("n1", keyA, now), peer("n2", keyB, now))
+	cfg := &v1alpha1.MeshConfig{Spec: v1alpha1.MeshConfigSpec{Encryption: v1alpha1.EncryptionSpec{Mode: v1alpha1.ModeWireGuard, NodeEncryption: true}}}
+	cp := map[string]map[string]string{"n3": {"node-role.kubernetes.io/control-plane": ""}}
+	hosts := func(r Report) map[string]HostPair {
+		out := map[string]HostPair{}
+		for _, p := range r.Pairs {
+			if p.Host != nil {
+				out[p.A+"-"+p.B] = *p.Host
+			}
+		}
+		return out
+	}
+	tests := []struct {
+		name      string
+		nodes     []v1alpha1.MeshNode
+		labels    map[string]map[string]string
+		want      map[string]HostPair
+		compliant bool
+		verdict   string
+	}{
+		{"all applied, n3 opts out", []v1alpha1.MeshNode{announce(n1), announce(n2), n3}, cp,
+			map[string]HostPair{
+				"n1-n2": {Encrypted: true},
+				"n1-n3": {OptedOut: true, Reason: "n3 opts out (nodeEncryptionOptOutLabels)"},
+				"n2-n3": {OptedOut: true, Reason: "n3 opts out (nodeEncryptionOptOutLabels)"},
+			}, true, "compliant: all 3 node pairs encrypted (WireGuard, node encryption); host traffic encrypted on 1, in clear by opt-out on 2"},
+		{"n2 not applied yet", []v1alpha1.MeshNode{announce(n1), n2, n3}, cp,
+			map[string]HostPair{
+				"n1-n2": {Reason: "n2 has not applied node encryption"},
+				"n1-n3": {OptedOut: true, Reason: "n3 opts out (nodeEncryptionOptOutLabels)"},
+				"n2-n3": {OptedOut: true, Reason: "n3 opts out (nodeEncryptionOptOutLabels)"},
+			}, false, "NOT compliant: host traffic of 1 of 3 node pairs not encrypted (WireGuard, node encryption)"},
+		{"no opt-out label: n3 must apply it too", []v1alpha1.MeshNode{announce(n1), announce(n2), n3}, nil,
+			map[string]HostPair{
+				"n1-n2": {Encrypted: true},
+				"n1-n3": {Reason: "n3 has not applied node encryption"},
+				"n2-n3": {Reason: "n3 has not applied node encryption"},
+			}, false, "NOT compliant: host traffic of 2 of 3 node pairs not encrypted (WireGuard, node encryption)"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := Evaluate(Input{Config: cfg, MeshNodes: tt.nodes, NodeLabels: tt.labels})
+			if d := cmp.Diff(tt.want, hosts(r)); d != "" {
+				t.Errorf("host pairs (-want +got):\n%s", d)
+			}
+			if r.Compliant != tt.compliant || r.Verdict != tt.verdict {
+				t.Errorf("verdict = %v %q, want %v %q", r.Compliant, r.Verdict, tt.compliant, tt.verdict)
+			}
+			var b bytes.Buffer
+			if err := r.WriteTable(&b, now); err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(b.String(), "HOST TRAFFIC") || !strings.Contains(b.String(), "mode: WireGuard, node encryption") {
+				t.Errorf("table lacks the host traffic column or mode:\n%s", b.String())
+			}
+		})
+	}
+	// Without node encryption configured the pairs carry no host state.
+	plain := cfg.DeepCopy()
+	plain.Spec.Encryption.NodeEncryption = false
+	if got := hosts(Evaluate(Input{Config: plain, MeshNodes: []v1alpha1.MeshNode{n1, n2, n3}})); len(got) != 0 {
+		t.Errorf("host pairs without node encryption: %v", got)
+	}
+}

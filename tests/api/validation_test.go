@@ -110,6 +110,27 @@ func TestMeshConfigValidation(t *testing.T) {
 	if mc.Spec.Encryption.Mode != v1alpha1.ModeDisabled {
 		t.Errorf("default mode = %q, want Disabled", mc.Spec.Encryption.Mode)
 	}
+	if o := mc.Spec.Encryption.NodeEncryptionOptOutLabels; o == nil || *o != v1alpha1.DefaultNodeEncryptionOptOut {
+		t.Errorf("default nodeEncryptionOptOutLabels = %v, want %q", o, v1alpha1.DefaultNodeEncryptionOptOut)
+	}
+	mc.Spec.Encryption.Mode = v1alpha1.ModeIPsec
+	mc.Spec.Encryption.NodeEncryption = true
+	if err := c.Update(ctx, mc); err == nil || !strings.Contains(err.Error(), "nodeEncryption needs mode WireGuard") {
+		t.Errorf("nodeEncryption with mode IPsec: err = %v, want the nodeEncryption rule", err)
+	}
+	mc.Spec.Encryption.Mode = v1alpha1.ModeWireGuard
+	none := ""
+	mc.Spec.Encryption.NodeEncryptionOptOutLabels = &none
+	if err := c.Update(ctx, mc); err != nil {
+		t.Fatalf("nodeEncryption with mode WireGuard and no opt-out: %v", err)
+	}
+	if o := mc.Spec.Encryption.NodeEncryptionOptOutLabels; o == nil || *o != "" {
+		t.Errorf("an empty opt-out selector became %v, want it kept empty (no node opts out)", o)
+	}
+	mc.Spec.Encryption = v1alpha1.EncryptionSpec{Mode: v1alpha1.ModeDisabled}
+	if err := c.Update(ctx, mc); err != nil {
+		t.Fatal(err)
+	}
 	other := &v1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: "other"}}
 	if err := c.Create(ctx, other); err == nil || !strings.Contains(err.Error(), "named default") {
 		t.Errorf("MeshConfig named other: err = %v, want the one-named-default rule", err)

@@ -33,6 +33,7 @@ var e2eInVM = []string{
 	"TestIPsecEndToEnd",        // needs ESP: skips on the host
 	"TestWireGuardKeyRotation", // kernel WireGuard's handshakes after a key change
 	"TestVerify",               // meshcrypt verify with kernel WireGuard and with IPsec
+	"TestNodeEncryption",       // host traffic through kernel WireGuard (fwmark, policy rule)
 }
 
 // Time limits of TestE2EInVM. The e2e tests above take 1m45s to 2m30s in the VM under TCG

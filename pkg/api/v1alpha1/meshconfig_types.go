@@ -178,6 +178,7 @@ const RemoteKubeconfigKey = "kubeconfig"
 
 // EncryptionSpec selects the encryption mode.
 // +kubebuilder:validation:XValidation:rule="!has(self.strict) || !self.strict || self.mode != 'Disabled'",message="strict needs an encryption mode"
+// +kubebuilder:validation:XValidation:rule="!has(self.nodeEncryption) || !self.nodeEncryption || self.mode != 'IPsec'",message="nodeEncryption needs mode WireGuard: IPsec encrypts pod traffic only"
 type EncryptionSpec struct {
 	// Mode is the encryption mode; Disabled sends pod traffic in clear over the underlay.
 	// +kubebuilder:default=Disabled
@@ -190,6 +191,22 @@ type EncryptionSpec struct {
 	// IPsec configures mode IPsec.
 	// +optional
 	IPsec *IPsecConfig `json:"ipsec,omitempty"`
+	// NodeEncryption encrypts traffic between the nodes' own addresses as well (host network:
+	// kubelets, hostNetwork pods, NodePort hops), through the same WireGuard tunnels; mode
+	// WireGuard only. It changes without dropping connections: a node routes another's
+	// address into the tunnel only once that node announces (MeshNode spec.nodeEncryption)
+	// that it accepts it there, and accepts through the tunnel whatever a peer announces.
+	// +optional
+	NodeEncryption bool `json:"nodeEncryption,omitempty"`
+	// NodeEncryptionOptOutLabels is a label selector (kubectl's syntax, e.g.
+	// "node-role.kubernetes.io/control-plane" or "tier in (edge)"): nodes whose labels it
+	// matches keep their host traffic in clear while their pod traffic stays encrypted. The
+	// default opts out control-plane nodes, so that no node needs a tunnel to reach the API
+	// server it learns its peers' keys from. The empty string opts out no node.
+	// +kubebuilder:default="node-role.kubernetes.io/control-plane"
+	// +kubebuilder:validation:MaxLength=1024
+	// +optional
+	NodeEncryptionOptOutLabels *string `json:"nodeEncryptionOptOutLabels,omitempty"`
 }
 
 // IPsecConfig configures mode IPsec. The keys themselves are in the Secret

@@ -94,6 +94,11 @@ type MeshNodeSpec struct {
 	// +listMapKey=ip
 	// +optional
 	Endpoints []Endpoint `json:"endpoints,omitempty"`
+	// NodeEncryption is true when the node encrypts host traffic (MeshConfig
+	// spec.encryption.nodeEncryption, not opted out): it accepts the other nodes' underlay
+	// addresses through its WireGuard tunnel, so they may route its addresses into theirs.
+	// +optional
+	NodeEncryption bool `json:"nodeEncryption,omitempty"`
 }
 
 // Endpoint is a pod address and its identity.
