@@ -63,13 +63,7 @@ func TestChartDefault(t *testing.T) {
 func TestChartAllValues(t *testing.T) {
 	all := readValues(t, allValuesFile)
 	defaults := readValues(t, chartDir+"/values.yaml")
-	// The FUTURE placeholders have one allowed value, their default; TestChartInvalidValues
-	// covers every other.
-	placeholders := []string{"encryption.nodeEncryption"}
 	for _, leaf := range schemaLeaves(t) {
-		if slices.Contains(placeholders, leaf) {
-			continue
-		}
 		got, ok := lookup(all, leaf)
 		if !ok {
 			t.Errorf("%s does not set %s", allValuesFile, leaf)
@@ -138,14 +132,21 @@ func TestChartAllValues(t *testing.T) {
 
 // TestChartMeshConfigValues checks that the encryption values reach the MeshConfig.
 func TestChartMeshConfigValues(t *testing.T) {
-	var vals map[string]any
-	if err := yaml.Unmarshal([]byte("encryption: {mode: IPsec, strict: true, ipsecRotationGracePeriod: 30s, keyRotationInterval: 720h}"), &vals); err != nil {
-		t.Fatal(err)
-	}
-	mc := find(t, parseObjects(t, "render", []byte(mustRender(t, renderOptions{values: vals}))), "MeshConfig")
-	got, _ := json.Marshal(nested[any](t, mc, "spec"))
-	if want := `{"encryption":{"ipsec":{"rotationGracePeriod":"30s"},"mode":"IPsec","strict":true},"keyRotation":{"every":"720h"}}`; string(got) != want {
-		t.Errorf("MeshConfig spec = %s, want %s", got, want)
+	for _, tt := range []struct{ values, want string }{
+		{"{encryption: {mode: IPsec, strict: true, ipsecRotationGracePeriod: 30s, keyRotationInterval: 720h}, clusterName: east, clusterID: 7}",
+			`{"cluster":{"id":7,"name":"east"},"encryption":{"ipsec":{"rotationGracePeriod":"30s"},"mode":"IPsec","nodeEncryptionOptOutLabels":"node-role.kubernetes.io/control-plane","strict":true},"keyRotation":{"every":"720h"}}`},
+		{`{encryption: {mode: WireGuard, nodeEncryption: true, nodeEncryptionOptOutLabels: ""}}`,
+			`{"cluster":{"id":1,"name":"default"},"encryption":{"mode":"WireGuard","nodeEncryption":true,"nodeEncryptionOptOutLabels":""}}`},
+	} {
+		var vals map[string]any
+		if err := yaml.Unmarshal([]byte(tt.values), &vals); err != nil {
+			t.Fatal(err)
+		}
+		mc := find(t, parseObjects(t, "render", []byte(mustRender(t, renderOptions{values: vals}))), "MeshConfig")
+		got, _ := json.Marshal(nested[any](t, mc, "spec"))
+		if string(got) != tt.want {
+			t.Errorf("values %s: MeshConfig spec = %s, want %s", tt.values, got, tt.want)
+		}
 	}
 }
 
@@ -174,7 +175,8 @@ func TestChartInvalidValues(t *testing.T) {
 		{name: "misspelt nested key", values: "metrics: {prot: 9000}", wantErr: []string{"prot"}},
 		{name: "extra arg without dashes", values: "extraArgs: [status-period=5s]", wantErr: []string{"/extraArgs/0"}},
 		{name: "strict without a mode", values: "encryption: {strict: true}", wantErr: []string{"encryption.strict needs an encryption mode"}},
-		{name: "nodeEncryption", values: "encryption: {nodeEncryption: true}", wantErr: []string{"encryption.nodeEncryption is not implemented yet"}},
+		{name: "nodeEncryption with IPsec", values: "encryption: {mode: IPsec, nodeEncryption: true}", wantErr: []string{"encryption.nodeEncryption needs mode WireGuard"}},
+		{name: "cluster name not a DNS label", values: `clusterName: East`, wantErr: []string{"/clusterName"}},
 		{name: "keyRotationInterval not a duration", values: "encryption: {keyRotationInterval: monthly}", wantErr: []string{"/encryption/keyRotationInterval"}},
 		{name: "other namespace", values: "{}", namespace: "kube-system", wantErr: []string{"namespace meshcrypt", `not "kube-system"`}},
 	}

@@ -32,7 +32,7 @@ any render (install, upgrade, template) fails early.
 {{- if and .Values.encryption.strict (eq .Values.encryption.mode "Disabled") }}
 {{- fail "encryption.strict needs an encryption mode (WireGuard or IPsec), not Disabled" }}
 {{- end }}
-{{- if .Values.encryption.nodeEncryption }}
-{{- fail "encryption.nodeEncryption is not implemented yet; leave it false" }}
+{{- if and .Values.encryption.nodeEncryption (eq .Values.encryption.mode "IPsec") }}
+{{- fail "encryption.nodeEncryption needs mode WireGuard: IPsec encrypts pod traffic only" }}
 {{- end }}
 {{- end }}
