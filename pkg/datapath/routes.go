@@ -122,9 +122,12 @@ func (r *Routes) Apply(ctx context.Context, cfg RouteConfig) (RouteStats, error)
 				break
 			}
 		}
-		// Blackholes first, then device routes, then removals: a prefix is never left
-		// without a route in the table while it is wanted.
-		for _, blackhole := range []bool{true, false} {
+		// Device routes first, then blackholes, then removals. A new prefix gets its device
+		// route before its fallback: the other order would leave a moment with only the
+		// blackhole, dropping what was flowing in clear through main until then (a node
+		// address under node encryption, a pod CIDR when encryption turns on). A prefix
+		// already wanted keeps a route throughout.
+		for _, blackhole := range []bool{false, true} {
 			for p := range want {
 				if familyOf(p) != family || (!blackhole && !tunnel[p]) {
 					continue
@@ -152,14 +155,18 @@ func (r *Routes) Apply(ctx context.Context, cfg RouteConfig) (RouteStats, error)
 				st.Added++
 			}
 		}
-		for k, cur := range have {
-			if (k.blackhole && want[k.dst]) || (!k.blackhole && tunnel[k.dst]) {
-				continue
+		// Removals: blackholes before device routes, so a prefix leaving the table goes from
+		// the tunnel straight to main, never through a moment with only its blackhole.
+		for _, blackhole := range []bool{true, false} {
+			for k, cur := range have {
+				if k.blackhole != blackhole || (k.blackhole && want[k.dst]) || (!k.blackhole && tunnel[k.dst]) {
+					continue
+				}
+				if err := r.h.RouteDel(&cur); err != nil && !errors.Is(err, unix.ESRCH) {
+					return st, fmt.Errorf("delete route %s: %w", k.dst, err)
+				}
+				st.Removed++
 			}
-			if err := r.h.RouteDel(&cur); err != nil && !errors.Is(err, unix.ESRCH) {
-				return st, fmt.Errorf("delete route %s: %w", k.dst, err)
-			}
-			st.Removed++
 		}
 		added, removed, err := r.applyRule(family, cfg.Table, cfg.RulePriority, cfg.FirewallMark, familyWanted)
 		st.RulesAdded += added
