@@ -29,12 +29,13 @@ type verifyOptions struct {
 	probes   int32
 	timeout  time.Duration
 	output   string
+	host     bool
 }
 
 func newVerifyCmd(g *globals) *cobra.Command {
 	var o verifyOptions
 	cmd := &cobra.Command{
-		Use:   "verify (--from NODE --to NODE | --all-pairs) [--probes N] [-o table|json|yaml]",
+		Use:   "verify (--from NODE --to NODE | --all-pairs) [--host] [--probes N] [-o table|json|yaml]",
 		Short: "prove, with marker packets between nodes and captures of their underlay, that traffic between them is encrypted",
 		Long: `Prove that traffic between nodes is encrypted, actively.
 
@@ -45,6 +46,10 @@ look for the marker. The verdict of a pair is Encrypted when probes and echoes c
 underlay packet carried the marker, PlaintextSeen when one did, Failed when the proof could not
 be made (an agent did not answer, nothing arrived). The MeshVerification stays as the audit
 record: time, nodes, cipher, counts and verdict of every pair.
+
+With --host the probes go between the nodes' own underlay addresses instead: the proof of
+host traffic, which is encrypted only with node encryption (encryption enable
+--node-encryption); a node that opts out shows PlaintextSeen, as it should.
 
 Exit status: 0 when every pair is Encrypted, 1 when any pair is not, 2 on errors.`,
 		Example: `  meshcrypt verify --from node-a --to node-b
@@ -70,6 +75,7 @@ Exit status: 0 when every pair is Encrypted, 1 when any pair is not, 2 on errors
 	f.StringVar(&o.from, "from", "", "the node that sends the probes")
 	f.StringVar(&o.to, "to", "", "the node that echoes them")
 	f.BoolVar(&o.allPairs, "all-pairs", false, "verify every pair of nodes")
+	f.BoolVar(&o.host, "host", false, "prove host traffic (between the nodes' underlay addresses) instead of pod traffic")
 	f.Int32Var(&o.probes, "probes", 10, "probes per pair (1-100)")
 	f.DurationVar(&o.timeout, "timeout", 2*time.Minute, "how long to wait for every pair's verdict")
 	_ = cmd.RegisterFlagCompletionFunc("from", completeNodes(g))
@@ -126,7 +132,10 @@ func runVerify(ctx context.Context, g *globals, out io.Writer, o verifyOptions) 
 	mv := &v1alpha1.MeshVerification{
 		ObjectMeta: metav1.ObjectMeta{Name: "verify-" + time.Now().UTC().Format("20060102-150405") + "-" + hex.EncodeToString(rnd[:2])},
 		Spec: v1alpha1.MeshVerificationSpec{Pairs: pairs, Marker: "mcv-" + hex.EncodeToString(rnd[2:]),
-			Probes: o.probes, RequestedBy: whoAmI(ctx, g)},
+			Probes: o.probes, RequestedBy: whoAmI(ctx, g), Target: v1alpha1.TargetPods},
+	}
+	if o.host {
+		mv.Spec.Target = v1alpha1.TargetHosts
 	}
 	if err := c.Create(ctx, mv); err != nil {
 		return fmt.Errorf("create MeshVerification: %w", err)
@@ -189,6 +198,10 @@ func verifyResult(ctx context.Context, c client.Client, out io.Writer, mv *v1alp
 // verifySummary is the verdict line: every pair encrypted, or how many are not and why.
 func verifySummary(mv *v1alpha1.MeshVerification, incomplete string) (string, bool) {
 	n := len(mv.Spec.Pairs)
+	what := "node pair(s)"
+	if mv.Spec.Target == v1alpha1.TargetHosts {
+		what = "node pair(s)' host traffic"
+	}
 	var enc, plain, failed int
 	ciphers := map[string]bool{}
 	for _, r := range mv.Status.Results {
@@ -208,7 +221,7 @@ func verifySummary(mv *v1alpha1.MeshVerification, incomplete string) (string, bo
 			cs = append(cs, c)
 		}
 		sort.Strings(cs)
-		return fmt.Sprintf("verified: all %d node pair(s) encrypted (%s); no underlay packet carried the marker", n, strings.Join(cs, "; ")), true
+		return fmt.Sprintf("verified: all %d %s encrypted (%s); no underlay packet carried the marker", n, what, strings.Join(cs, "; ")), true
 	}
 	var why []string
 	if plain > 0 {
@@ -224,7 +237,7 @@ func verifySummary(mv *v1alpha1.MeshVerification, incomplete string) (string, bo
 	if plain > 0 {
 		word = "PLAINTEXT SEEN"
 	}
-	return fmt.Sprintf("%s: %d of %d node pair(s) encrypted; %s", word, enc, n, strings.Join(why, ", ")), false
+	return fmt.Sprintf("%s: %d of %d %s encrypted; %s", word, enc, n, what, strings.Join(why, ", ")), false
 }
 
 // writeVerifyTable prints one line per pair.

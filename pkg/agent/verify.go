@@ -70,7 +70,7 @@ func healthAddrs(podCIDRs []netip.Prefix) []netip.Addr {
 // onVerification takes up a MeshVerification the node is a party of, once per role.
 func (a *Agent) onVerification(ctx context.Context, obj any) {
 	v, ok := obj.(*v1alpha1.MeshVerification)
-	if !ok || len(a.health) == 0 || time.Since(v.CreationTimestamp.Time) > verifyMaxAge {
+	if !ok || len(a.verifyAddrs(v)) == 0 || time.Since(v.CreationTimestamp.Time) > verifyMaxAge {
 		return
 	}
 	for _, role := range []verifyRole{roleSource, roleDestination} {
@@ -191,6 +191,9 @@ func (a *Agent) verifySetup(ctx context.Context, v *v1alpha1.MeshVerification, p
 			}
 		}
 		vp.health = pairHealth(a.health, mn.Spec.HealthIPs)
+		if v.Spec.Target == v1alpha1.TargetHosts {
+			vp.health = pairHealth(a.underlay, mn.Spec.UnderlayIPs)
+		}
 		if vp.health.IsValid() { // in clear, probes and echoes go to the health address itself
 			vc.byAddr[vp.health] = vp
 		}
@@ -256,6 +259,15 @@ func pairHealth(mine []netip.Addr, theirs []v1alpha1.IP) netip.Addr {
 	return netip.Addr{}
 }
 
+// verifyAddrs are this node's addresses that v's probes go between: its health endpoints,
+// or its underlay addresses when v proves host traffic.
+func (a *Agent) verifyAddrs(v *v1alpha1.MeshVerification) []netip.Addr {
+	if v.Spec.Target == v1alpha1.TargetHosts {
+		return a.underlay
+	}
+	return a.health
+}
+
 func ownHealth(mine []netip.Addr, other netip.Addr) netip.Addr {
 	for _, m := range mine {
 		if m.Is4() == other.Is4() {
@@ -290,7 +302,7 @@ func (a *Agent) verifyDestination(ctx context.Context, v *v1alpha1.MeshVerificat
 			c.Close()
 		}
 	}()
-	for _, h := range a.health {
+	for _, h := range a.verifyAddrs(v) {
 		c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(h, verify.Port)))
 		if err != nil {
 			return fmt.Errorf("listen on the health endpoint %s: %w", h, err)
@@ -445,7 +457,7 @@ func (a *Agent) verifySource(ctx context.Context, v *v1alpha1.MeshVerification, 
 		s := &sending{vp: vp}
 		all = append(all, s)
 		r := findResult(&cur, vp.pair)
-		own := ownHealth(a.health, vp.health)
+		own := ownHealth(a.verifyAddrs(v), vp.health)
 		switch {
 		case r == nil || r.Destination == nil:
 			s.failure = fmt.Sprintf("the agent on %s did not answer within %s", vp.pair.To, verifyWaitPeer)

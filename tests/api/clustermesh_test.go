@@ -239,6 +239,8 @@ func TestClustermesh(t *testing.T) {
 			} else {
 				want.Encryption = v1alpha1.EncryptionSpec{Mode: v1alpha1.ModeDisabled} // the CRD's default
 			}
+			optOut := v1alpha1.DefaultNodeEncryptionOptOut // the CRD's default
+			want.Encryption.NodeEncryptionOptOutLabels = &optOut
 			if diff := cmp.Diff(want, cfg.Spec); diff != "" {
 				t.Errorf("%s: MeshConfig spec (-want +got):\n%s", reader.name, diff)
 			}

@@ -80,11 +80,29 @@ type MeshVerificationSpec struct {
 	// +kubebuilder:default=10
 	// +optional
 	Probes int32 `json:"probes,omitempty"`
+	// Target is the traffic proven: Pods (default) between the nodes' health endpoints, an
+	// address of each pod CIDR, so probes take the pod path; Hosts between the nodes'
+	// underlay addresses, the path of host traffic (node encryption).
+	// +kubebuilder:validation:Enum=Pods;Hosts
+	// +kubebuilder:default=Pods
+	// +optional
+	Target VerificationTarget `json:"target,omitempty"`
 	// RequestedBy is who asked (the CLI records the caller's user name).
 	// +kubebuilder:validation:MaxLength=253
 	// +optional
 	RequestedBy string `json:"requestedBy,omitempty"`
 }
+
+// VerificationTarget is the traffic a MeshVerification proves.
+type VerificationTarget string
+
+// The verification targets.
+const (
+	// TargetPods proves pod traffic: probes between the nodes' health endpoints.
+	TargetPods VerificationTarget = "Pods"
+	// TargetHosts proves host traffic: probes between the nodes' underlay addresses.
+	TargetHosts VerificationTarget = "Hosts"
+)
 
 // VerificationPair is an ordered pair of nodes.
 // +kubebuilder:validation:XValidation:rule="self.from != self.to",message="a pair needs two different nodes"
