@@ -277,20 +277,21 @@ func TestIPsecEndToEnd(t *testing.T) {
 			t.Fatalf("%d ESP frames for %d exchanges: the traffic did not go through ESP", esp, n)
 		}
 		t.Logf("%d exchanges (every pair, TCP and UDP, IPv4 and IPv6): marker in 0 frames, %d ESP frames", n, cp.IPProtoFrames(protoESP))
-		mns, err := c.MeshNodes(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, mn := range mns {
-			st := mn.Status.IPsec
-			// 2 peers x (IPv4 + IPv6 pods) x (in + out) x 1 key.
-			if st.Algorithm != string(ipsec.AESGCM) || st.States != 8 || st.SequenceLimit != int64(ipsec.SeqLimit) || st.HighestSequence == 0 {
-				t.Errorf("%s: IPsec status %+v", mn.Name, st)
+		// The agents publish status every second (--status-period): the sequence numbers the
+		// exchanges used show up at the next publish.
+		waitMeshNodes(ctx, t, c, "IPsec status with the exchanges' sequence numbers", 30*time.Second, func(mns []v1alpha1.MeshNode) string {
+			for _, mn := range mns {
+				st := mn.Status.IPsec
+				// 2 peers x (IPv4 + IPv6 pods) x (in + out) x 1 key.
+				if st == nil || st.Algorithm != string(ipsec.AESGCM) || st.States != 8 || st.SequenceLimit != int64(ipsec.SeqLimit) || st.HighestSequence == 0 {
+					return fmt.Sprintf("%s: IPsec status %+v", mn.Name, st)
+				}
+				if mn.Status.TunnelMTU != 1446 {
+					return fmt.Sprintf("%s: tunnel MTU %d, want 1446 (AES-GCM over a 1500-byte IPv4 underlay)", mn.Name, mn.Status.TunnelMTU)
+				}
 			}
-			if mn.Status.TunnelMTU != 1446 {
-				t.Errorf("%s: tunnel MTU %d, want 1446 (AES-GCM over a 1500-byte IPv4 underlay)", mn.Name, mn.Status.TunnelMTU)
-			}
-		}
+			return ""
+		})
 	})
 
 	t.Run("rotation loses no packet", func(t *testing.T) {
