@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -23,6 +24,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
@@ -162,6 +164,14 @@ type Agent struct {
 	appliedStrict bool
 	skips         []skip
 	peers         []wireguard.Peer
+
+	// What reconciles remember so as not to redo what did not change.
+	routeState routeState       // the routes applyRoutes last applied (routes.go)
+	nodeStore  toolscache.Store // the Node informer's objects
+	podCIDRs   podCIDRCache     // the Nodes' pod CIDRs, from nodeStore (informers.go)
+	// appliedView is, after a reconcile that applied WireGuard peers, the device as that
+	// reconcile read it and the peers it applied, for the status published right after it.
+	appliedView *deviceView
 
 	// Identity and policy (policy.go).
 	alloc         *identity.Allocator
@@ -354,6 +364,19 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	defer ns.Close()
 	a.netns = datapath.Netns{Handle: h, NS: ns}
+	// A route deleted from the tunnel table behind the agent's back makes the next reconcile
+	// apply the routes in full, and starts it (routeState).
+	wctx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	go func() {
+		_ = datapath.WatchRouteDeletions(wctx, datapath.RouteWatchOptions{
+			NS: ns, Table: a.opts.RouteTable, Logger: a.log,
+			Deleted: func() {
+				a.routeState.invalidate()
+				a.kick()
+			},
+		})
+	}()
 	a.clusterFromConfig(ctx)
 	a.alloc = identity.NewAllocator(identitykube.NewStore(a.client), identity.AllocatorOptions{
 		Cluster: a.opts.ClusterID, Watched: true, Logger: a.log,
@@ -397,6 +420,7 @@ func (a *Agent) ensureDevice(ctx context.Context) error {
 	a.mu.Lock()
 	a.dev = dev
 	a.mu.Unlock()
+	a.routeState.invalidate() // a new device has no routes through it yet
 	if cur, err := dev.Device(ctx); err == nil && len(cur.Peers) == 0 {
 		a.promptNext = true // a new (or empty) device: see applyPrompt
 	}
@@ -404,16 +428,38 @@ func (a *Agent) ensureDevice(ctx context.Context) error {
 	return nil
 }
 
+// deviceView is the device as read before an Apply, and the peers that Apply made it carry.
+type deviceView struct {
+	cur   *wgtypes.Device
+	peers []wireguard.Peer
+}
+
+// readDeviceAsync reads the device on its own goroutine; the function it returns waits for
+// the read. Both are called on the reconcile loop.
+func (a *Agent) readDeviceAsync(ctx context.Context) func() (*wgtypes.Device, error) {
+	type result struct {
+		dev *wgtypes.Device
+		err error
+	}
+	dev := a.dev
+	ch := make(chan result, 1)
+	go func() {
+		d, err := dev.Device(ctx)
+		ch <- result{d, err}
+	}()
+	return func() (*wgtypes.Device, error) {
+		r := <-ch
+		if r.err != nil && a.dev != dev {
+			return a.dev.Device(ctx) // the device was recreated meanwhile (rotateIfDue)
+		}
+		return r.dev, r.err
+	}
+}
+
 // applyDevice applies cfg; when the device has vanished (its userspace process died, its link
 // was deleted) it recreates it and applies again.
 func (a *Agent) applyDevice(ctx context.Context, cfg wireguard.Config) (wireguard.PlanStats, error) {
-	return a.applyDeviceFrom(ctx, cfg, nil)
-}
-
-// applyDeviceFrom is applyDevice for a caller that has just read the device: cur is that read
-// (nil: none), so applying needs no second read of every peer.
-func (a *Agent) applyDeviceFrom(ctx context.Context, cfg wireguard.Config, cur *wgtypes.Device) (wireguard.PlanStats, error) {
-	st, err := a.applyPrompt(ctx, cfg, cur)
+	st, err := a.applyPrompt(ctx, cfg)
 	if !errors.Is(err, wireguard.ErrDeviceGone) {
 		return st, err
 	}
@@ -422,61 +468,31 @@ func (a *Agent) applyDeviceFrom(ctx context.Context, cfg wireguard.Config, cur *
 	if err := a.ensureDevice(ctx); err != nil {
 		return st, err
 	}
-	return a.applyPrompt(ctx, cfg, nil)
+	return a.applyPrompt(ctx, cfg)
 }
-
-// promptKeepalive is set, for one configuration call, on peers new to the device: WireGuard
-// sends a keepalive as soon as a peer gets one, which starts a handshake at once. A peer that
-// still holds a session with this node's previous device (after a reboot or a device
-// restart) would otherwise keep using it, unanswered, until its own timers give up (10-15 s
-// for a one-way flow).
-const promptKeepalive = 25 * time.Second
 
 // applyPrompt applies cfg. On the first configuration of a device that came up empty (a
 // reboot, a recreated device) while peers may still hold sessions with its predecessor, it
-// prompts a handshake with every peer it adds. Not otherwise: prompting a peer that has not
-// configured this node yet (everyone enabling at once) only gets the initiation dropped and
-// retried seconds later, where a data packet would have started it in time.
+// prompts a handshake with every peer it adds; likewise with the new key of a node that
+// rotated its key (rotatedPeers), so the rotated node's sessions start at once instead of
+// when its retry timer fires (5 s). Not otherwise: prompting a peer that has not configured
+// this node yet (everyone enabling at once) only gets the initiation dropped and retried
+// seconds later, where a data packet would have started it in time.
 //
-// cur is the device as the caller has just read it; nil reads it here when needed.
-func (a *Agent) applyPrompt(ctx context.Context, cfg wireguard.Config, cur *wgtypes.Device) (wireguard.PlanStats, error) {
-	if (!a.promptNext && len(a.promptKeys) == 0) || len(cfg.Peers) == 0 {
-		st, err := a.applyWireGuard(ctx, cfg)
-		if err == nil {
-			a.promptNext, a.promptKeys = false, nil
+// A prompt costs no call of its own: the device prompts in the same configuration call that
+// adds the peer, and only peers it adds (wireguard.Peer.Prompt).
+func (a *Agent) applyPrompt(ctx context.Context, cfg wireguard.Config) (wireguard.PlanStats, error) {
+	if (a.promptNext || len(a.promptKeys) > 0) && len(cfg.Peers) > 0 {
+		prompted := slices.Clone(cfg.Peers)
+		for i := range prompted {
+			prompted[i].Prompt = a.promptNext || a.promptKeys[prompted[i].PublicKey]
 		}
-		return st, err
+		cfg.Peers = prompted
 	}
-	if cur == nil {
-		var err error
-		if cur, err = a.dev.Device(ctx); err != nil {
-			return wireguard.PlanStats{}, err
-		}
+	st, err := a.applyWireGuard(ctx, cfg)
+	if err == nil {
+		a.promptNext, a.promptKeys = false, nil
 	}
-	have := make(map[wgtypes.Key]bool, len(cur.Peers))
-	for _, p := range cur.Peers {
-		have[p.PublicKey] = true
-	}
-	prompted := cfg
-	prompted.Peers = slices.Clone(cfg.Peers)
-	n := 0
-	for i := range prompted.Peers {
-		k := prompted.Peers[i].PublicKey
-		if !have[k] && (a.promptNext || a.promptKeys[k]) && prompted.Peers[i].PersistentKeepalive == 0 {
-			prompted.Peers[i].PersistentKeepalive = promptKeepalive
-			n++
-		}
-	}
-	st, err := a.applyWireGuard(ctx, prompted)
-	if err != nil {
-		return st, err
-	}
-	a.promptNext, a.promptKeys = false, nil
-	if n == 0 {
-		return st, nil
-	}
-	// Back to no keepalive: the handshake is under way.
-	_, err = a.applyWireGuard(ctx, cfg)
 	return st, err
 }
 
@@ -499,25 +515,38 @@ func (a *Agent) waitForNode(ctx context.Context) (*corev1.Node, error) {
 	}
 }
 
+// startCache starts the informers and waits for their first sync. The cache holds objects
+// without their managed fields, which nothing in the agent reads (a MeshNode's status of
+// thousands of peers has a managed fields entry per peer), and Nodes reduced to what the
+// agent reads of them (slimNode). Updates that change nothing a reconcile reads trigger none
+// (nodeChanged, meshNodeChanged).
 func (a *Agent) startCache(ctx context.Context) error {
 	c, err := cache.New(a.opts.RESTConfig, cache.Options{
-		Scheme: a.scheme,
+		Scheme:           a.scheme,
+		DefaultTransform: cache.TransformStripManagedFields(),
 		ByObject: map[client.Object]cache.ByObject{
 			// The IPsec keyring only: RBAC lets the agent read this one Secret.
 			&corev1.Secret{}: {
 				Namespaces: map[string]cache.Config{a.opts.Namespace: {}},
 				Field:      fields.OneTermEqualSelector("metadata.name", ipsec.SecretName),
 			},
+			&corev1.Node{}: {Transform: slimNode},
 		},
 	})
 	if err != nil {
 		return fmt.Errorf("create informer cache: %w", err)
 	}
 	a.cache = c
-	handler := toolscache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { a.kick() },
-		UpdateFunc: func(any, any) { a.kick() },
-		DeleteFunc: func(any) { a.kick() },
+	handler := func(changed func(oldObj, newObj any) bool) toolscache.ResourceEventHandlerFuncs {
+		return toolscache.ResourceEventHandlerFuncs{
+			AddFunc: func(any) { a.kick() },
+			UpdateFunc: func(oldObj, newObj any) {
+				if changed == nil || changed(oldObj, newObj) {
+					a.kick()
+				}
+			},
+			DeleteFunc: func(any) { a.kick() },
+		}
 	}
 	idInf, err := c.GetInformer(ctx, &v1alpha1.MeshIdentity{})
 	if err != nil {
@@ -526,16 +555,31 @@ func (a *Agent) startCache(ctx context.Context) error {
 	if _, err := idInf.AddEventHandler(identitykube.EventHandler(a.alloc, a.log)); err != nil {
 		return fmt.Errorf("watch MeshIdentities: %w", err)
 	}
-	for _, obj := range []client.Object{&v1alpha1.MeshNode{}, &v1alpha1.MeshConfig{}, &corev1.Node{},
-		&corev1.Pod{}, &corev1.Namespace{}, &v1alpha1.MeshPolicy{}, &v1alpha1.MeshIdentity{}, &corev1.Secret{}} {
-		inf, err := c.GetInformer(ctx, obj)
+	for _, w := range []struct {
+		obj     client.Object
+		changed func(oldObj, newObj any) bool
+	}{
+		{&v1alpha1.MeshNode{}, meshNodeChanged}, {&v1alpha1.MeshConfig{}, nil}, {&corev1.Node{}, nodeChanged},
+		{&corev1.Pod{}, nil}, {&corev1.Namespace{}, nil}, {&v1alpha1.MeshPolicy{}, nil}, {&v1alpha1.MeshIdentity{}, nil},
+		{&corev1.Secret{}, nil},
+	} {
+		inf, err := c.GetInformer(ctx, w.obj)
 		if err != nil {
-			return fmt.Errorf("informer for %T: %w", obj, err)
+			return fmt.Errorf("informer for %T: %w", w.obj, err)
 		}
-		if _, err := inf.AddEventHandler(handler); err != nil {
-			return fmt.Errorf("watch %T: %w", obj, err)
+		if _, err := inf.AddEventHandler(handler(w.changed)); err != nil {
+			return fmt.Errorf("watch %T: %w", w.obj, err)
 		}
 	}
+	nodeInf, err := c.GetInformer(ctx, &corev1.Node{})
+	if err != nil {
+		return fmt.Errorf("informer for Nodes: %w", err)
+	}
+	si, ok := nodeInf.(toolscache.SharedIndexInformer)
+	if !ok {
+		return fmt.Errorf("informer for Nodes is a %T, not a SharedIndexInformer", nodeInf)
+	}
+	a.nodeStore = si.GetStore()
 	vInf, err := c.GetInformer(ctx, &v1alpha1.MeshVerification{})
 	if err != nil {
 		return fmt.Errorf("informer for MeshVerifications: %w", err)
@@ -581,6 +625,7 @@ func (a *Agent) loop(ctx context.Context) error {
 			return nil
 		case <-a.trigger:
 		case <-resync.C:
+			a.routeState.invalidate()
 		case <-retry:
 		case <-status.C:
 			err := a.publishStatus(ctx)
@@ -621,6 +666,7 @@ func (a *Agent) loop(ctx context.Context) error {
 // MeshNode spec.
 func (a *Agent) reconcile(ctx context.Context) error {
 	start := time.Now()
+	a.appliedView = nil
 	var node corev1.Node
 	if err := a.cache.Get(ctx, client.ObjectKey{Name: a.opts.NodeName}, &node); err != nil {
 		return fmt.Errorf("get node: %w", err)
@@ -641,10 +687,18 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	default:
 		return fmt.Errorf("get MeshConfig: %w", err)
 	}
+	// WireGuard's device read starts now, on its own goroutine: reading a userspace device is a
+	// text dump of every peer and its parse (tens of milliseconds at 5000 peers), which
+	// overlaps so with listing and validating the MeshNodes below.
+	var devRead func() (*wgtypes.Device, error)
+	if mode == v1alpha1.ModeWireGuard {
+		devRead = a.readDeviceAsync(ctx)
+	}
 
-	// The MeshNodes and Nodes are read straight from the informer cache, not deep-copied (one
-	// copy of every object per reconcile was a fifth of a reconcile's CPU at 5000 nodes): they
-	// are read-only here and in everything they are passed to.
+	// The MeshNodes are read straight from the informer cache, not deep-copied (one copy of
+	// every object per reconcile was a fifth of a reconcile's CPU at 5000 nodes): they are
+	// read-only here and in everything they are passed to. The Nodes' pod CIDRs come from the
+	// informer's own objects, parsed again only for the Nodes that changed (podCIDRCache).
 	var list v1alpha1.MeshNodeList
 	if err := a.cache.List(ctx, &list, client.UnsafeDisableDeepCopy); err != nil {
 		return fmt.Errorf("list MeshNodes: %w", err)
@@ -664,18 +718,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	if err := a.publishSpec(ctx, &node, local, list.Items, mode == v1alpha1.ModeIPsec && a.refused == nil); err != nil {
 		return err
 	}
-	var k8sNodes corev1.NodeList
-	if err := a.cache.List(ctx, &k8sNodes, client.UnsafeDisableDeepCopy); err != nil {
-		return fmt.Errorf("list nodes: %w", err)
-	}
-	assigned := make(map[string][]netip.Prefix, len(k8sNodes.Items))
-	for i := range k8sNodes.Items {
-		ln, err := localFromNode(&k8sNodes.Items[i], []netip.Addr{netip.IPv4Unspecified()})
-		if err != nil {
-			continue // a Node with malformed pod CIDRs assigns nothing
-		}
-		assigned[k8sNodes.Items[i].Name] = append([]netip.Prefix{}, ln.PodCIDRs...)
-	}
+	assigned := a.podCIDRs.update(a.nodeStore.List()) // read only
 	peers, skips := peersFromMeshNodes(a.opts.NodeName, local, allNodes, assigned)
 	var peerNames []string
 	if mode == v1alpha1.ModeWireGuard {
@@ -748,7 +791,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		// be encrypted is dropped rather than sent while it changes; then peers before
 		// routes, so a route never points at a device without its peer; then the new
 		// tunnels are called ready.
-		cur, err := a.dev.Device(ctx)
+		cur, err := devRead()
 		if err != nil && !errors.Is(err, wireguard.ErrDeviceGone) {
 			return fmt.Errorf("read WireGuard device: %w", err)
 		}
@@ -761,10 +804,14 @@ func (a *Agent) reconcile(ctx context.Context) error {
 			return err
 		}
 		cfg.Peers = peers
-		// cur is a moment old: the device plans against it (wireguard.SnapshotMaxAge)
-		// instead of reading every peer again.
-		if wst, err = a.applyDeviceFrom(ctx, cfg, cur); err != nil {
+		// cur was read at the start of this reconcile: the device plans against that read
+		// (wireguard.SnapshotMaxAge) instead of reading every peer again.
+		dev := a.dev
+		if wst, err = a.applyDevice(ctx, cfg); err != nil {
 			return fmt.Errorf("configure WireGuard peers: %w", err)
+		}
+		if cur != nil && a.dev == dev { // not a recreated device
+			a.appliedView = &deviceView{cur: cur, peers: peers}
 		}
 		if rst, err = a.applyRoutes(ctx, route); err != nil {
 			return fmt.Errorf("configure tunnel routes: %w", err)
@@ -986,12 +1033,20 @@ func (a *Agent) reportSkips(list *v1alpha1.MeshNodeList, skips []skip) {
 }
 
 // publishStatus writes this node's MeshNode status when it changed.
+//
+// The cached MeshNode is read without a deep copy (its status lists every peer) and left
+// unmodified: st is a copy of its status whose every field is replaced below, but for the
+// conditions, which are cloned. The status is written whole, in one JSON patch that replaces
+// it, instead of a merge patch computed from two encodings of the whole object, and the
+// answer is not decoded.
 func (a *Agent) publishStatus(ctx context.Context) error {
 	var mn v1alpha1.MeshNode
-	if err := a.cache.Get(ctx, client.ObjectKey{Name: a.opts.NodeName}, &mn); err != nil {
+	if err := a.cache.Get(ctx, client.ObjectKey{Name: a.opts.NodeName}, &mn, client.UnsafeDisableDeepCopy); err != nil {
 		return fmt.Errorf("get MeshNode: %w", err)
 	}
-	st := mn.Status.DeepCopy()
+	stv := mn.Status
+	st := &stv
+	st.Conditions = slices.Clone(mn.Status.Conditions) // setConditions modifies them in place
 	st.Mode = a.applied
 	st.Strict = a.appliedStrict
 	st.Backend = v1alpha1.WireGuardBackend(a.dev.Backend())
@@ -1004,12 +1059,20 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 	st.RemoteClusters = a.remoteStatus
 	st.Peers = nil
 	st.PeersReady = 0
-	if len(a.peers) > 0 {
+	view := a.appliedView
+	a.appliedView = nil
+	switch {
+	case len(a.peers) > 0 && view != nil:
+		// Right after a reconcile that read every peer and applied: no second read.
+		st.Peers = peerStatusesAfter(view.cur, view.peers)
+	case len(a.peers) > 0:
 		dev, err := a.dev.Device(ctx)
 		if err != nil {
 			return fmt.Errorf("read WireGuard device: %w", err)
 		}
 		st.Peers = peerStatuses(dev, a.nameByKey)
+	}
+	if len(a.peers) > 0 {
 		want := map[string]wireguard.Peer{}
 		for _, p := range a.peers {
 			want[p.Name] = p
@@ -1039,12 +1102,26 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 	if equality.Semantic.DeepEqual(&mn.Status, st) {
 		return nil
 	}
-	patch := client.MergeFrom(mn.DeepCopy())
-	mn.Status = *st
-	if err := a.client.Status().Patch(ctx, &mn, patch); err != nil {
+	patch, err := json.Marshal([]jsonPatchOp{{Op: "add", Path: "/status", Value: st}})
+	if err != nil {
+		return fmt.Errorf("encode MeshNode status: %w", err)
+	}
+	// The answer is the object's metadata only: the whole object would be as large as the
+	// status just sent, for nothing (the informer brings it anyway).
+	out := &metav1.PartialObjectMetadata{ObjectMeta: metav1.ObjectMeta{Name: mn.Name}}
+	out.SetGroupVersionKind(v1alpha1.GroupVersion.WithKind("MeshNode"))
+	if err := a.client.Status().Patch(ctx, out, client.RawPatch(types.JSONPatchType, patch)); err != nil {
 		return fmt.Errorf("update MeshNode status: %w", err)
 	}
 	return nil
+}
+
+// jsonPatchOp is one operation of a JSON patch (RFC 6902). "add" on an object member that
+// exists replaces it.
+type jsonPatchOp struct {
+	Op    string `json:"op"`
+	Path  string `json:"path"`
+	Value any    `json:"value"`
 }
 
 // conditionInput is what the MeshNode conditions are computed from.

@@ -154,7 +154,7 @@ func (a *Agent) connectRemote(ctx context.Context, rc *remoteCluster) error {
 	if err := v1alpha1.AddToScheme(scheme); err != nil {
 		return err
 	}
-	c, err := cache.New(cfg, cache.Options{Scheme: scheme})
+	c, err := cache.New(cfg, cache.Options{Scheme: scheme, DefaultTransform: cache.TransformStripManagedFields()})
 	if err != nil {
 		return fmt.Errorf("informers for remote cluster %s: %w", rc.spec.Name, err)
 	}

@@ -26,7 +26,7 @@ type podEntry struct {
 // MeshNode still has its pods recognised as remote, so strict mode and Required policies drop
 // traffic to them instead of letting it out in clear.
 func ipcacheEntries(self string, pods []podEntry, nodes []v1alpha1.MeshNode, tunnelReady map[string]bool, assigned map[string][]netip.Prefix) map[netip.Prefix]datapath.IPCacheEntry {
-	out := map[netip.Prefix]datapath.IPCacheEntry{}
+	out := make(map[netip.Prefix]datapath.IPCacheEntry, 2*len(nodes)+len(pods))
 	remote := func(node string) datapath.IPCacheFlags {
 		f := datapath.IPCacheRemotePod
 		if tunnelReady[node] {

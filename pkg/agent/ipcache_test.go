@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"testing"
@@ -71,5 +73,85 @@ func TestStillReady(t *testing.T) {
 	}
 	if got := stillReady(nil, []wireguard.Peer{a}); len(got) != 0 {
 		t.Errorf("no device: %v, want none ready", got)
+	}
+}
+
+// stillReadyNaive is stillReady as first written, a set per device peer: the model the
+// allocation-free version is checked against.
+func stillReadyNaive(dev *wgtypes.Device, desired []wireguard.Peer) map[string]bool {
+	out := map[string]bool{}
+	if dev == nil {
+		return out
+	}
+	have := make(map[wgtypes.Key]map[netip.Prefix]bool, len(dev.Peers))
+	for _, p := range dev.Peers {
+		set := map[netip.Prefix]bool{}
+		for _, n := range p.AllowedIPs {
+			if a, ok := netip.AddrFromSlice(n.IP); ok {
+				ones, _ := n.Mask.Size()
+				set[netip.PrefixFrom(a.Unmap(), ones).Masked()] = true
+			}
+		}
+		have[p.PublicKey] = set
+	}
+	for _, p := range desired {
+		set, ok := have[p.PublicKey]
+		if !ok || len(set) != len(p.AllowedIPs) {
+			continue
+		}
+		same := true
+		for _, pr := range p.AllowedIPs {
+			same = same && set[pr.Masked()]
+		}
+		if same {
+			out[p.Name] = true
+		}
+	}
+	return out
+}
+
+func TestStillReadyRandomized(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	pool := []netip.Prefix{
+		netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("10.244.2.0/24"), netip.MustParsePrefix("10.244.2.0/25"),
+		netip.MustParsePrefix("fd44:0:0:1::/64"), netip.MustParsePrefix("fd44:0:0:2::/64"),
+	}
+	keys := []wgtypes.Key{key(t, 1), key(t, 2), key(t, 3), key(t, 4)}
+	pick := func() []netip.Prefix {
+		var out []netip.Prefix
+		for range rng.IntN(4) {
+			out = append(out, pool[rng.IntN(len(pool))])
+		}
+		return out
+	}
+	for i := range 2000 {
+		dev := &wgtypes.Device{}
+		for _, k := range keys {
+			if rng.IntN(4) == 0 {
+				continue
+			}
+			wp := wgtypes.Peer{PublicKey: k}
+			for _, pr := range pick() {
+				ip := net.IP(pr.Addr().AsSlice())
+				if pr.Addr().Is4() && rng.IntN(2) == 0 {
+					ip = ip.To16() // the kernel may report IPv4 in 16 bytes
+				}
+				wp.AllowedIPs = append(wp.AllowedIPs, net.IPNet{IP: ip, Mask: net.CIDRMask(pr.Bits(), pr.Addr().BitLen())})
+			}
+			if rng.IntN(10) == 0 {
+				wp.AllowedIPs = append(wp.AllowedIPs, net.IPNet{IP: net.IP{1, 2, 3}, Mask: net.CIDRMask(8, 32)}) // not an address
+			}
+			dev.Peers = append(dev.Peers, wp)
+		}
+		var desired []wireguard.Peer
+		for j, k := range keys {
+			if rng.IntN(4) == 0 {
+				continue
+			}
+			desired = append(desired, wireguard.Peer{Name: fmt.Sprint("n", j), PublicKey: k, AllowedIPs: pick()})
+		}
+		if d := cmp.Diff(stillReadyNaive(dev, desired), stillReady(dev, desired)); d != "" {
+			t.Fatalf("case %d: stillReady differs from the model (-model +got):\n%s\ndevice %+v\ndesired %+v", i, d, dev.Peers, desired)
+		}
 	}
 }

@@ -311,7 +311,7 @@ func (a *Agent) reconcileIPsec(ctx context.Context, in ipsecInput) error {
 	if in.strict {
 		route.Blocked = blockedExcept(a.opts.NodeName, in.assigned, still)
 	}
-	if _, err := a.routes.Apply(ctx, route); err != nil {
+	if _, err := a.applyRoutes(ctx, route); err != nil {
 		return fmt.Errorf("configure strict routes: %w", err)
 	}
 	if err := a.removeWireGuardPeers(ctx); err != nil {
@@ -325,7 +325,7 @@ func (a *Agent) reconcileIPsec(ctx context.Context, in ipsecInput) error {
 	a.ips.remotes, a.ips.skipped, a.ips.ready = remotes, d.Skipped, ready
 	if in.strict {
 		route.Blocked = blockedExcept(a.opts.NodeName, in.assigned, ready)
-		if _, err := a.routes.Apply(ctx, route); err != nil {
+		if _, err := a.applyRoutes(ctx, route); err != nil {
 			return fmt.Errorf("configure strict routes: %w", err)
 		}
 	}

@@ -109,22 +109,28 @@ func (a *Agent) KeyAge() (time.Duration, bool) {
 }
 
 // applyWireGuard applies cfg to the device and counts the configuration call it made, if any,
-// with the peers it wrote (meshcrypt_wireguard_configure_total and _peer_updates_total):
-// Device.Apply makes exactly one wgctrl configuration call when its PlanStats report a
-// change, and none otherwise.
+// with the peers it wrote and the nodes they belong to (meshcrypt_wireguard_configure_total,
+// _peer_updates_total and _node_updates_total): Device.Apply makes exactly one wgctrl
+// configuration call when its PlanStats report a change, and none otherwise. A node's key
+// change is a remove and an add (WireGuard names peers by key), one node update; a prompted
+// add's keepalive reset (wireguard.Peer.Prompt) rides in the same call and is part of the add.
 func (a *Agent) applyWireGuard(ctx context.Context, cfg wireguard.Config) (wireguard.PlanStats, error) {
 	st, err := a.dev.Apply(ctx, cfg)
 	if err == nil && st.Changed() {
 		a.rec.WireGuardConfigured(st.Added, st.Updated, st.Removed)
+		a.rec.WireGuardNodesUpdated(st.Nodes())
 	}
 	return st, err
 }
 
-// applyRoutes applies cfg to the tunnel routes and counts the netlink writes it made
-// (meshcrypt_route_operations_total), also those made before an error: RouteStats counts
-// every route replace and delete and every rule add and delete.
+// applyRoutes applies cfg to the tunnel routes (see routeState for when it has nothing to do)
+// and counts the netlink writes it made (meshcrypt_route_operations_total), also those made
+// before an error: RouteStats counts every route replace and delete and every rule add and
+// delete.
 func (a *Agent) applyRoutes(ctx context.Context, cfg datapath.RouteConfig) (datapath.RouteStats, error) {
-	st, err := a.routes.Apply(ctx, cfg)
-	a.rec.RouteOps(st.Added, st.Removed, st.RulesAdded, st.RulesRemoved)
-	return st, err
+	return a.routeState.apply(ctx, a.nl, cfg, func(cfg datapath.RouteConfig) (datapath.RouteStats, error) {
+		st, err := a.routes.Apply(ctx, cfg)
+		a.rec.RouteOps(st.Added, st.Removed, st.RulesAdded, st.RulesRemoved)
+		return st, err
+	})
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -162,31 +163,61 @@ func stillReady(dev *wgtypes.Device, desired []wireguard.Peer) map[string]bool {
 	if dev == nil {
 		return out
 	}
-	have := make(map[wgtypes.Key]map[netip.Prefix]bool, len(dev.Peers))
-	for _, p := range dev.Peers {
-		set := map[netip.Prefix]bool{}
-		for _, n := range p.AllowedIPs {
-			if a, ok := netip.AddrFromSlice(n.IP); ok {
-				ones, _ := n.Mask.Size()
-				set[netip.PrefixFrom(a.Unmap(), ones).Masked()] = true
-			}
-		}
-		have[p.PublicKey] = set
+	// One lookup per desired peer and no allocation per peer: this runs on every reconcile,
+	// over every peer.
+	have := make(map[wgtypes.Key]int, len(dev.Peers))
+	for i := range dev.Peers {
+		have[dev.Peers[i].PublicKey] = i
 	}
 	for _, p := range desired {
-		set, ok := have[p.PublicKey]
-		if !ok || len(set) != len(p.AllowedIPs) {
+		i, ok := have[p.PublicKey]
+		if !ok {
+			continue
+		}
+		allowed := dev.Peers[i].AllowedIPs
+		if distinctPrefixes(allowed) != len(p.AllowedIPs) {
 			continue
 		}
 		same := true
 		for _, pr := range p.AllowedIPs {
-			same = same && set[pr.Masked()]
+			same = same && slices.ContainsFunc(allowed, func(n net.IPNet) bool { return ipNetPrefix(n) == pr.Masked() })
 		}
 		if same {
 			out[p.Name] = true
 		}
 	}
 	return out
+}
+
+// ipNetPrefix is the masked prefix of a device's allowed IP, IPv4-mapped addresses unmapped;
+// the zero prefix if it is not one.
+func ipNetPrefix(n net.IPNet) netip.Prefix {
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones).Masked()
+}
+
+// distinctPrefixes counts the distinct prefixes among a device's allowed IPs (a handful per
+// peer: quadratic is cheapest), not counting what is not a prefix.
+func distinctPrefixes(ns []net.IPNet) int {
+	n := 0
+	for i := range ns {
+		p := ipNetPrefix(ns[i])
+		if p == (netip.Prefix{}) {
+			continue
+		}
+		dup := false
+		for j := range i {
+			dup = dup || ipNetPrefix(ns[j]) == p
+		}
+		if !dup {
+			n++
+		}
+	}
+	return n
 }
 
 // attachLocalPods attaches the classifier to the host-side interface of every local pod not

@@ -3,6 +3,7 @@ package agent
 import (
 	"cmp"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -351,6 +352,36 @@ func peerStatuses(dev *wgtypes.Device, nameByKey map[wgtypes.Key]string) []v1alp
 		}
 		if !p.LastHandshakeTime.IsZero() {
 			t := metav1.NewTime(p.LastHandshakeTime.Truncate(1e9))
+			ps.LastHandshakeTime = &t
+		}
+		out = append(out, ps)
+	}
+	slices.SortFunc(out, func(a, b v1alpha1.PeerStatus) int { return strings.Compare(a.Node, b.Node) })
+	return out
+}
+
+// peerStatusesAfter is peerStatuses of the device as a successful Apply of applied left it,
+// computed from cur, the device as read just before that Apply: every applied peer, with its
+// endpoint (or the one the device had when it sets none) and the handshake the device had
+// with its key (none for a key new to the device). publishStatus, right after a reconcile
+// read every peer, so needs no second read.
+func peerStatusesAfter(cur *wgtypes.Device, applied []wireguard.Peer) []v1alpha1.PeerStatus {
+	had := make(map[wgtypes.Key]int, len(cur.Peers))
+	for i := range cur.Peers {
+		had[cur.Peers[i].PublicKey] = i
+	}
+	out := make([]v1alpha1.PeerStatus, 0, len(applied))
+	for _, p := range applied {
+		ps := v1alpha1.PeerStatus{Node: p.Name, PublicKey: p.PublicKey.String()}
+		i, ok := had[p.PublicKey]
+		switch {
+		case p.Endpoint.IsValid():
+			ps.Endpoint = net.UDPAddrFromAddrPort(netip.AddrPortFrom(p.Endpoint.Addr().Unmap(), p.Endpoint.Port())).String()
+		case ok && cur.Peers[i].Endpoint != nil:
+			ps.Endpoint = cur.Peers[i].Endpoint.String()
+		}
+		if ok && !cur.Peers[i].LastHandshakeTime.IsZero() {
+			t := metav1.NewTime(cur.Peers[i].LastHandshakeTime.Truncate(1e9))
 			ps.LastHandshakeTime = &t
 		}
 		out = append(out, ps)

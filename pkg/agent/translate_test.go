@@ -1,10 +1,13 @@
 package agent
 
 import (
+	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
@@ -13,6 +16,7 @@ import (
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard"
+	"github.com/meshcrypt/meshcrypt/pkg/crypto/wireguard/wgtest"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
@@ -294,5 +298,67 @@ func TestPeersMustAnnounceAssignedCIDRs(t *testing.T) {
 	}
 	if d := cmp.Diff(want, skips); d != "" {
 		t.Errorf("skips (-want +got):\n%s", d)
+	}
+}
+
+// TestPeerStatusesAfter checks peerStatusesAfter against the real thing on random input: the
+// peer statuses of a model device read after Diff's configuration was applied to it.
+func TestPeerStatusesAfter(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	base := time.Date(2026, 11, 21, 10, 0, 0, 0, time.UTC)
+	for i := range 300 {
+		m := wgtest.NewModel("wg0", wgtypes.Userspace)
+		var before wgtypes.Config
+		for k := range 8 {
+			if rng.IntN(2) == 0 {
+				continue
+			}
+			pc := wgtypes.PeerConfig{PublicKey: wgtest.PublicKey(k)}
+			if rng.IntN(3) > 0 {
+				pc.Endpoint = net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(rng.IntN(4))}), 51871))
+			}
+			before.Peers = append(before.Peers, pc)
+		}
+		if err := m.Configure(before); err != nil {
+			t.Fatal(err)
+		}
+		for _, pc := range before.Peers {
+			if rng.IntN(2) == 0 {
+				m.SetHandshake(pc.PublicKey, base.Add(time.Duration(rng.IntN(5000))*time.Millisecond))
+			}
+		}
+		var desired []wireguard.Peer
+		nameByKey := map[wgtypes.Key]string{}
+		for n := range 6 {
+			if rng.IntN(3) == 0 {
+				continue
+			}
+			p := wireguard.Peer{
+				Name:       fmt.Sprint("node", n),
+				PublicKey:  wgtest.PublicKey(n + rng.IntN(3)), // often a key the device has, sometimes not
+				AllowedIPs: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(n), 0}), 24)},
+			}
+			if _, taken := nameByKey[p.PublicKey]; taken {
+				continue
+			}
+			switch rng.IntN(3) {
+			case 0: // no endpoint: the device keeps its own
+			case 1:
+				p.Endpoint = netip.AddrPortFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 15: byte(n)}), 51871)
+			default:
+				p.Endpoint = netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, 0, byte(n)}), 51871)
+			}
+			nameByKey[p.PublicKey] = p.Name
+			desired = append(desired, p)
+		}
+		cur := m.Device()
+		cfg, _ := wireguard.Diff(cur, wireguard.Config{Peers: desired})
+		if err := m.Configure(cfg); err != nil {
+			t.Fatal(err)
+		}
+		want := peerStatuses(m.Device(), nameByKey)
+		if d := cmp.Diff(want, peerStatusesAfter(cur, desired), cmpopts.EquateEmpty()); d != "" {
+			t.Fatalf("case %d (-read after apply +computed):\n%s", i, d)
+		}
 	}
 }

@@ -93,6 +93,7 @@ type Recorder struct {
 	mode      *prometheus.GaugeVec
 	configure prometheus.Counter
 	peerOps   *prometheus.CounterVec
+	nodeOps   prometheus.Counter
 	routeOps  *prometheus.CounterVec
 
 	mu       sync.Mutex
@@ -149,6 +150,11 @@ func New(opts Options) *Recorder {
 		Name:      "wireguard_peer_updates_total",
 		Help:      "WireGuard peers written by those configuration calls, by op: add (a new key), update (an existing key reconfigured), remove.",
 	}, []string{"op"})
+	r.nodeOps = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: Namespace,
+		Name:      "wireguard_node_updates_total",
+		Help:      "Remote nodes whose WireGuard peer those configuration calls wrote: a node whose key changed is one (its old key removed and its new key added in the same call).",
+	})
 	r.routeOps = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: Namespace,
 		Name:      "route_operations_total",
@@ -169,7 +175,7 @@ func New(opts Options) *Recorder {
 		Help:      "Scrapes in which reading the agent's state failed, by source (peers, verdicts, xfrm); those metrics were left out.",
 	}, []string{"source"})
 	r.registry.MustRegister(
-		r.reconcile, r.rotations, r.mode, errs, r.configure, r.peerOps, r.routeOps,
+		r.reconcile, r.rotations, r.mode, errs, r.configure, r.peerOps, r.nodeOps, r.routeOps,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -218,6 +224,13 @@ func (r *Recorder) WireGuardConfigured(added, updated, removed int) {
 	r.peerOps.WithLabelValues(PeerAdd).Add(float64(added))
 	r.peerOps.WithLabelValues(PeerUpdate).Add(float64(updated))
 	r.peerOps.WithLabelValues(PeerRemove).Add(float64(removed))
+}
+
+// WireGuardNodesUpdated counts the remote nodes whose peer one configuration call wrote
+// (meshcrypt_wireguard_node_updates_total): the peers it added, updated and removed, a
+// node's key change (a remove and an add) counting once.
+func (r *Recorder) WireGuardNodesUpdated(nodes int) {
+	r.nodeOps.Add(float64(nodes))
 }
 
 // RouteOps counts netlink writes of the tunnel routing state: routes replaced (added or

@@ -141,6 +141,8 @@ func TestScrape(t *testing.T) {
 	rec.KeyRotated()
 	rec.WireGuardConfigured(5000, 0, 0)
 	rec.WireGuardConfigured(1, 0, 1)
+	rec.WireGuardNodesUpdated(5000)
+	rec.WireGuardNodesUpdated(1)
 	rec.RouteOps(2, 0, 2, 0)
 	rec.RouteOps(2, 2, 0, 0)
 	base := serve(t, metrics.ServerOptions{Gatherer: rec.Gatherer()})
@@ -179,6 +181,7 @@ func TestScrape(t *testing.T) {
 		"meshcrypt_wireguard_peer_updates_total{op=add}":                                 5001,
 		"meshcrypt_wireguard_peer_updates_total{op=update}":                              0,
 		"meshcrypt_wireguard_peer_updates_total{op=remove}":                              1,
+		"meshcrypt_wireguard_node_updates_total{}":                                       5001,
 		"meshcrypt_route_operations_total{op=replace}":                                   4,
 		"meshcrypt_route_operations_total{op=delete}":                                    2,
 		"meshcrypt_route_operations_total{op=rule_add}":                                  2,
@@ -269,6 +272,7 @@ func TestNoSource(t *testing.T) {
 		"meshcrypt_route_operations_total{op=rule_add}",
 		"meshcrypt_route_operations_total{op=rule_delete}",
 		"meshcrypt_wireguard_configure_total{}",
+		"meshcrypt_wireguard_node_updates_total{}",
 		"meshcrypt_wireguard_peer_updates_total{op=add}",
 		"meshcrypt_wireguard_peer_updates_total{op=remove}",
 		"meshcrypt_wireguard_peer_updates_total{op=update}",

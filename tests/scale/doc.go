@@ -7,7 +7,8 @@
 // BenchmarkControlPlaneScale measures, per N: the time from the first object created to every
 // peer on the device, the time from an agent start on an empty device to every peer on it,
 // the latency of one node's key change and of one node's endpoint change to the device, the
-// WireGuard configuration calls, peers written and netlink route writes each change costs
+// WireGuard configuration calls, peers written, nodes updated and netlink route writes each
+// change costs
 // (read from the agent's /metrics), and the agent's memory and CPU. It writes
 // bench/scale.json and bench/scale-convergence.svg. It runs only with -bench and -benchtime 1x
 // (make bench), never in make test; MESHCRYPT_SCALE_N chooses the sizes (default

@@ -102,11 +102,13 @@ type Result struct {
 type Ops struct {
 	// Reconciles counts reconcile runs (meshcrypt_reconcile_duration_seconds_count).
 	Reconciles float64 `json:"reconciles"`
-	// Configures counts wgctrl configuration calls; Peers* the peers they wrote.
+	// Configures counts wgctrl configuration calls; Peers* the peers they wrote; NodeUpdates
+	// the remote nodes those peers belong to (a key change, a remove and an add, is one).
 	Configures   float64 `json:"wireguardConfigures"`
 	PeersAdded   float64 `json:"peersAdded"`
 	PeersUpdated float64 `json:"peersUpdated"`
 	PeersRemoved float64 `json:"peersRemoved"`
+	NodeUpdates  float64 `json:"nodeUpdates"`
 	// RouteReplaces and RouteDeletes count netlink route writes; RuleOps rule adds and deletes.
 	RouteReplaces float64 `json:"routeReplaces"`
 	RouteDeletes  float64 `json:"routeDeletes"`
@@ -612,6 +614,7 @@ func opsOf(m map[string]float64) Ops {
 		PeersAdded:    m["meshcrypt_wireguard_peer_updates_total/add"],
 		PeersUpdated:  m["meshcrypt_wireguard_peer_updates_total/update"],
 		PeersRemoved:  m["meshcrypt_wireguard_peer_updates_total/remove"],
+		NodeUpdates:   m["meshcrypt_wireguard_node_updates_total"],
 		RouteReplaces: m["meshcrypt_route_operations_total/replace"],
 		RouteDeletes:  m["meshcrypt_route_operations_total/delete"],
 		RuleOps:       m["meshcrypt_route_operations_total/rule_add"] + m["meshcrypt_route_operations_total/rule_delete"],
@@ -622,6 +625,7 @@ func (o Ops) minus(p Ops) Ops {
 	return Ops{
 		Reconciles: o.Reconciles - p.Reconciles, Configures: o.Configures - p.Configures,
 		PeersAdded: o.PeersAdded - p.PeersAdded, PeersUpdated: o.PeersUpdated - p.PeersUpdated, PeersRemoved: o.PeersRemoved - p.PeersRemoved,
+		NodeUpdates:   o.NodeUpdates - p.NodeUpdates,
 		RouteReplaces: o.RouteReplaces - p.RouteReplaces, RouteDeletes: o.RouteDeletes - p.RouteDeletes, RuleOps: o.RuleOps - p.RuleOps,
 	}
 }
@@ -709,25 +713,29 @@ func reportResult(b *testing.B, r Result) {
 		b.ReportMetric(median(r.ChangeMillis), "change-median-ms")
 		b.ReportMetric(median(r.ChangeSeenMillis), "change-seen-median-ms")
 		b.ReportMetric(slices.Max(r.ChangeMillis), "change-max-ms")
-		var cfg, peers, routes float64
+		var cfg, peers, nodes, routes float64
 		for _, o := range r.ChangeOps {
 			cfg = max(cfg, o.Configures)
 			peers = max(peers, o.PeersAdded+o.PeersUpdated+o.PeersRemoved)
+			nodes = max(nodes, o.NodeUpdates)
 			routes = max(routes, o.RouteReplaces+o.RouteDeletes+o.RuleOps)
 		}
 		b.ReportMetric(cfg, "configures/change")
 		b.ReportMetric(peers, "peers/change")
+		b.ReportMetric(nodes, "node-updates/change")
 		b.ReportMetric(routes, "route-ops/change")
 	}
 	if len(r.EndpointChangeMillis) > 0 {
 		b.ReportMetric(median(r.EndpointChangeMillis), "endpoint-change-median-ms")
-		var cfg, peers float64
+		var cfg, peers, nodes float64
 		for _, o := range r.EndpointChangeOps {
 			cfg = max(cfg, o.Configures)
 			peers = max(peers, o.PeersAdded+o.PeersUpdated+o.PeersRemoved)
+			nodes = max(nodes, o.NodeUpdates)
 		}
 		b.ReportMetric(cfg, "configures/endpoint-change")
 		b.ReportMetric(peers, "peers/endpoint-change")
+		b.ReportMetric(nodes, "node-updates/endpoint-change")
 	}
 	res := r.AfterColdStart
 	if res == (Resources{}) {

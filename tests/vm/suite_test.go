@@ -16,7 +16,7 @@ var kernelSuite = []vm.Test{
 	{
 		Package: "pkg/crypto/wireguard",
 		Args:    []string{"-test.skip=^TestDeps$"},
-		MustRun: []string{"TestKernelDevice", "TestKernelBackendDetection", "TestUserspaceTunnel"},
+		MustRun: []string{"TestKernelDevice", "TestKernelBackendDetection", "TestUserspaceTunnel", "TestApplyPromptStartsHandshake/kernel"},
 	},
 	{
 		Package: "pkg/crypto/ipsec",

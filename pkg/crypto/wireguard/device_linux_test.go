@@ -1027,3 +1027,87 @@ func TestApplyPlansAgainstRecentRead(t *testing.T) {
 	}
 	peerOf(t, d, cfg.Peers[0].PublicKey)
 }
+
+// TestApplyPromptStartsHandshake checks Peer.Prompt on a real device, userspace and kernel:
+// a peer added with it gets a handshake at once, with no traffic, in one Apply (one
+// configuration call), and is left without a keepalive; a peer added without it gets no
+// handshake (the control). The situation is a node's key change as its peers see it: the old
+// key goes, the new one comes.
+func TestApplyPromptStartsHandshake(t *testing.T) {
+	requireRoot(t)
+	for _, backend := range []wireguard.Backend{wireguard.BackendUserspace, wireguard.BackendKernel} {
+		t.Run(string(backend), func(t *testing.T) {
+			if backend == wireguard.BackendKernel {
+				if available, _ := testutil.KernelFeature("wireguard", "WIREGUARD"); !available {
+					t.Skip("kernel WireGuard (CONFIG_WIREGUARD) not available: covered in the VM suite")
+				}
+			}
+			testApplyPrompt(t, backend)
+		})
+	}
+}
+
+func testApplyPrompt(t *testing.T, backend wireguard.Backend) {
+	ctx := t.Context()
+	a, b := newNodePair(t)
+	devs := map[*node]wireguard.Device{}
+	for _, n := range []*node{a, b} {
+		k, err := wgtypes.GeneratePrivateKey()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n.key = k
+		n.cleanupDevice(t)
+		opts := n.ensureOptions(t, wireguard.TunnelMTU(1500), backend)
+		if backend == wireguard.BackendKernel {
+			opts.DeviceCommand = nil
+		}
+		d, err := wireguard.Ensure(ctx, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { d.Close() })
+		devs[n] = d
+	}
+	st, err := devs[b].Apply(ctx, wireguard.Config{PrivateKey: b.key, ListenPort: b.port, Peers: []wireguard.Peer{a.peer()}})
+	wantStats(t, "b configures a", st, err, wireguard.PlanStats{Added: 1, Settings: true})
+
+	// The control: b's first key, added without a prompt, sees no handshake.
+	old, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldPeer := b.peer()
+	oldPeer.PublicKey = old.PublicKey()
+	cfgA := wireguard.Config{PrivateKey: a.key, ListenPort: a.port, Peers: []wireguard.Peer{oldPeer}}
+	st, err = devs[a].Apply(ctx, cfgA)
+	wantStats(t, "a configures b's old key", st, err, wireguard.PlanStats{Added: 1, Settings: true})
+	time.Sleep(time.Second)
+	if p := peerOf(t, devs[a], oldPeer.PublicKey); !p.LastHandshakeTime.IsZero() {
+		t.Fatalf("handshake with a peer added without a prompt and without traffic (%v)", p.LastHandshakeTime)
+	}
+
+	// b's key changes: the old key goes and the new one comes with a prompt, in one call.
+	newPeer := b.peer()
+	newPeer.Prompt = true
+	cfgA.Peers = []wireguard.Peer{newPeer}
+	start := time.Now()
+	st, err = devs[a].Apply(ctx, cfgA)
+	wantStats(t, "a configures b's new key with a prompt", st, err, wireguard.PlanStats{Added: 1, Removed: 1, Rekeyed: 1, Prompted: 1})
+	for {
+		p := peerOf(t, devs[a], newPeer.PublicKey)
+		if p.PersistentKeepaliveInterval != 0 {
+			t.Fatalf("prompted peer left with keepalive %v", p.PersistentKeepaliveInterval)
+		}
+		if !p.LastHandshakeTime.IsZero() {
+			t.Logf("handshake %v after the prompting Apply, without traffic", time.Since(start).Round(time.Millisecond))
+			break
+		}
+		if time.Since(start) > 3*time.Second {
+			t.Fatal("no handshake 3s after a prompted peer was added (WireGuard retries after 5s: the prompt did nothing)")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	st, err = devs[a].Apply(ctx, cfgA)
+	wantStats(t, "the same config again: a prompt is not state", st, err, wireguard.PlanStats{})
+}

@@ -31,7 +31,18 @@ type Peer struct {
 	// PersistentKeepalive is the keepalive interval; 0 disables it. WireGuard
 	// has one-second resolution: the value is truncated to whole seconds.
 	PersistentKeepalive time.Duration
+	// Prompt makes the device start a handshake with the peer as soon as it
+	// is added, instead of when the first packet for it arrives; it has no
+	// effect on a peer the device already has, and is not state: it never
+	// makes a peer differ from the device. See [Diff] for how.
+	Prompt bool
 }
+
+// promptKeepalive is the keepalive a prompted peer is added with (see [Diff]).
+// Any non-zero interval does: WireGuard sends a keepalive as soon as a peer's
+// keepalive is turned on, which needs a session and so starts a handshake at
+// once; the value itself never applies, since the same call turns it off.
+const promptKeepalive = 25 * time.Second
 
 // Config is the desired state of a WireGuard device.
 type Config struct {
@@ -59,6 +70,14 @@ type PlanStats struct {
 	Removed int
 	// Settings is true when the private key, listen port or firewall mark changes.
 	Settings bool
+	// Rekeyed is the number of added peers that take over allowed IPs of a
+	// removed peer: a node whose key changed, which WireGuard can only
+	// configure as a remove and an add (it names peers by their keys). They
+	// are counted in Added and Removed too.
+	Rekeyed int
+	// Prompted is the number of added peers prompted to handshake at once
+	// (Peer.Prompt). They are counted in Added too.
+	Prompted int
 }
 
 // Changed reports whether the plan changes anything.
@@ -66,9 +85,18 @@ func (s PlanStats) Changed() bool {
 	return s.Added+s.Updated+s.Removed > 0 || s.Settings
 }
 
-// String formats s for logs, e.g. "added=1 updated=0 removed=2 settings=false".
+// Nodes is the number of remote nodes whose peer the plan writes: every added,
+// updated and removed peer, except that a rekeyed node's remove and add are
+// one.
+func (s PlanStats) Nodes() int {
+	return s.Added + s.Updated + s.Removed - s.Rekeyed
+}
+
+// String formats s for logs, e.g. "added=1 updated=0 removed=1 rekeyed=1
+// prompted=1 settings=false".
 func (s PlanStats) String() string {
-	return fmt.Sprintf("added=%d updated=%d removed=%d settings=%t", s.Added, s.Updated, s.Removed, s.Settings)
+	return fmt.Sprintf("added=%d updated=%d removed=%d rekeyed=%d prompted=%d settings=%t",
+		s.Added, s.Updated, s.Removed, s.Rekeyed, s.Prompted, s.Settings)
 }
 
 // maxKeepalive is the largest keepalive interval WireGuard accepts.
@@ -147,12 +175,23 @@ func Plan(current *wgtypes.Device, desired Config) (cfg wgtypes.Config, changed 
 //   - then, in desired's order, every desired peer that is new or whose
 //     endpoint (when desired sets one), keepalive or set of allowed IPs
 //     differs, with ReplaceAllowedIPs, its full allowed IPs and keepalive;
-//   - omits unchanged peers.
+//   - omits unchanged peers;
+//   - prompts, in the same call, every new peer with Prompt set and no
+//     keepalive: it is added with a keepalive, and an update-only entry at
+//     the end of the configuration sets the keepalive back to 0. WireGuard
+//     (the kernel and wireguard-go alike) sends a keepalive, and so starts a
+//     handshake, when it turns a peer's keepalive on, as it applies that
+//     peer's entry; the second entry leaves no keepalive behind. A new peer
+//     with a keepalive of its own needs no prompt: turning it on sends one.
 //
 // Allowed IPs are compared as sets of masked prefixes, so the device's
 // ordering and address representation do not matter. Endpoints are compared
 // with IPv4-mapped addresses unmapped. desired is assumed to pass
 // [Config.Validate]; of peers with the same public key, the last wins.
+//
+// PlanStats.Rekeyed pairs each added peer, in desired's order, with the
+// removed peer that held the first of its allowed IPs (in the order given)
+// held by a removed peer not paired yet, if any.
 func Diff(current *wgtypes.Device, desired Config) (wgtypes.Config, PlanStats) {
 	if current == nil {
 		current = &wgtypes.Device{}
@@ -194,6 +233,11 @@ func Diff(current *wgtypes.Device, desired Config) (wgtypes.Config, PlanStats) {
 		stats.Removed++
 	}
 
+	var (
+		prompted []wgtypes.Key
+		held     map[netip.Prefix]wgtypes.Key // allowed IPs of the removed peers (Rekeyed)
+		paired   map[wgtypes.Key]bool         // removed peers paired with an added one
+	)
 	for i, p := range desired.Peers {
 		if want[p.PublicKey] != i {
 			continue // a later peer has the same key
@@ -202,14 +246,50 @@ func Diff(current *wgtypes.Device, desired Config) (wgtypes.Config, PlanStats) {
 		if exists && peerEqual(cur, p) {
 			continue
 		}
-		cfg.Peers = append(cfg.Peers, peerConfig(p))
+		pc := peerConfig(p)
 		if exists {
 			stats.Updated++
-		} else {
-			stats.Added++
+			cfg.Peers = append(cfg.Peers, pc)
+			continue
+		}
+		stats.Added++
+		if p.Prompt && *pc.PersistentKeepaliveInterval == 0 {
+			pc.PersistentKeepaliveInterval = new(promptKeepalive)
+			prompted = append(prompted, p.PublicKey)
+		}
+		cfg.Peers = append(cfg.Peers, pc)
+		if len(removed) > 0 {
+			if held == nil {
+				held, paired = heldBy(removed, have), make(map[wgtypes.Key]bool, len(removed))
+			}
+			for _, q := range p.AllowedIPs {
+				if k, ok := held[q.Masked()]; ok && !paired[k] {
+					paired[k] = true
+					stats.Rekeyed++
+					break
+				}
+			}
 		}
 	}
+	for _, k := range prompted {
+		cfg.Peers = append(cfg.Peers, wgtypes.PeerConfig{PublicKey: k, UpdateOnly: true, PersistentKeepaliveInterval: new(time.Duration(0))})
+		stats.Prompted++
+	}
 	return cfg, stats
+}
+
+// heldBy maps every allowed IP of the removed peers to its peer (an allowed IP belongs to one
+// peer on a device).
+func heldBy(removed []wgtypes.Key, have map[wgtypes.Key]*wgtypes.Peer) map[netip.Prefix]wgtypes.Key {
+	out := make(map[netip.Prefix]wgtypes.Key)
+	for _, k := range removed {
+		for _, n := range have[k].AllowedIPs {
+			if pfx, ok := prefixFromIPNet(n); ok {
+				out[pfx] = k
+			}
+		}
+	}
+	return out
 }
 
 // peerConfig is the full configuration of a new or changed peer.

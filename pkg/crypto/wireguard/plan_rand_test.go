@@ -24,8 +24,10 @@ type peerState struct {
 
 // TestPlanRandomized applies random sequences of desired configurations to
 // the WireGuard model through Diff and checks, after every step, that the
-// device equals the desired state, that planning again changes nothing, and
-// that the plan touched exactly the peers whose state differed.
+// device equals the desired state, that planning again changes nothing, that
+// the plan touched exactly the peers whose state differed, and that a keepalive
+// was sent (a handshake started) exactly for the new peers that were prompted
+// and the peers whose keepalive was turned on.
 func TestPlanRandomized(t *testing.T) {
 	const (
 		steps     = 300
@@ -49,7 +51,12 @@ func TestPlanRandomized(t *testing.T) {
 			endpoints := map[wgtypes.Key]string{} // last endpoint set, for peers whose desired endpoint is unset
 			for step := range steps {
 				desired := randomConfig(rng, keyPool, pool)
-				before := stateOf(m.Device())
+				beforeDev := m.Device()
+				before := stateOf(beforeDev)
+				sentBefore := map[wgtypes.Key]int{}
+				for i := range keyPool {
+					sentBefore[wgtest.PublicKey(i+1)] = m.KeepalivesSent(wgtest.PublicKey(i + 1))
+				}
 
 				cfg, stats := wireguard.Diff(m.Device(), desired)
 				if cfg.ReplacePeers {
@@ -96,11 +103,28 @@ func TestPlanRandomized(t *testing.T) {
 						wantStats.Removed++
 					}
 				}
+				wantStats.Rekeyed = naiveRekeyed(beforeDev, desired)
+				for _, p := range desired.Peers {
+					_, existed := before[p.PublicKey]
+					ka := p.PersistentKeepalive.Truncate(time.Second)
+					prompted := !existed && p.Prompt && ka == 0
+					if prompted {
+						wantStats.Prompted++
+					}
+					// A keepalive goes out when a peer's keepalive is turned on.
+					wantSent := 0
+					if prompted || (ka != 0 && (!existed || before[p.PublicKey].Keepalive == 0)) {
+						wantSent = 1
+					}
+					if got := m.KeepalivesSent(p.PublicKey) - sentBefore[p.PublicKey]; got != wantSent {
+						t.Fatalf("step %d: peer %s: %d keepalives sent, want %d", step, p.Name, got, wantSent)
+					}
+				}
 				stats.Settings = false
 				if wantStats != stats {
 					t.Fatalf("step %d: stats (-want +got):\n%s", step, cmp.Diff(wantStats, stats))
 				}
-				if n := wantStats.Added + wantStats.Updated + wantStats.Removed; len(cfg.Peers) != n {
+				if n := wantStats.Added + wantStats.Updated + wantStats.Removed + wantStats.Prompted; len(cfg.Peers) != n {
 					t.Fatalf("step %d: config carries %d peers, want %d", step, len(cfg.Peers), n)
 				}
 			}
@@ -130,6 +154,7 @@ func randomConfig(rng *rand.Rand, keys int, pool []netip.Prefix) wireguard.Confi
 		if rng.IntN(3) == 0 {
 			p.PersistentKeepalive = time.Duration(rng.IntN(3)) * 12500 * time.Millisecond
 		}
+		p.Prompt = rng.IntN(2) == 0
 		for range rng.IntN(4) {
 			if len(free) == 0 {
 				break
@@ -147,6 +172,49 @@ func randomConfig(rng *rand.Rand, keys int, pool []netip.Prefix) wireguard.Confi
 	}
 	rng.Shuffle(len(cfg.Peers), func(i, j int) { cfg.Peers[i], cfg.Peers[j] = cfg.Peers[j], cfg.Peers[i] })
 	return cfg
+}
+
+// naiveRekeyed pairs the peers desired adds to dev, in desired's order, each with a removed
+// peer of dev not paired yet that held one of its allowed IPs, trying the allowed IPs in the
+// order given: the number of pairs is Diff's Rekeyed.
+func naiveRekeyed(dev *wgtypes.Device, desired wireguard.Config) int {
+	wanted := map[wgtypes.Key]bool{}
+	for _, p := range desired.Peers {
+		wanted[p.PublicKey] = true
+	}
+	var removed []wgtypes.Peer
+	existed := map[wgtypes.Key]bool{}
+	for _, p := range dev.Peers {
+		existed[p.PublicKey] = true
+		if !wanted[p.PublicKey] {
+			removed = append(removed, p)
+		}
+	}
+	paired := map[wgtypes.Key]bool{}
+	n := 0
+	for _, p := range desired.Peers {
+		if existed[p.PublicKey] {
+			continue
+		}
+	next:
+		for _, q := range p.AllowedIPs {
+			for _, r := range removed {
+				if paired[r.PublicKey] {
+					continue
+				}
+				for _, a := range r.AllowedIPs {
+					ones, _ := a.Mask.Size()
+					ip, _ := netip.AddrFromSlice(a.IP)
+					if netip.PrefixFrom(ip.Unmap(), ones).Masked() == q.Masked() {
+						paired[r.PublicKey] = true
+						n++
+						break next
+					}
+				}
+			}
+		}
+	}
+	return n
 }
 
 func stateOf(d *wgtypes.Device) map[wgtypes.Key]peerState {

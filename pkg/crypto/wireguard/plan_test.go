@@ -54,6 +54,7 @@ func TestPlan(t *testing.T) {
 
 	with := func(p Peer, f func(*Peer)) Peer { f(&p); return p }
 	withCur := func(p wgtypes.Peer, f func(*wgtypes.Peer)) wgtypes.Peer { f(&p); return p }
+	withCfg := func(c wgtypes.PeerConfig, f func(*wgtypes.PeerConfig)) wgtypes.PeerConfig { f(&c); return c }
 	dev := func(peers ...wgtypes.Peer) *wgtypes.Device {
 		return &wgtypes.Device{PrivateKey: priv, ListenPort: 51820, Peers: peers}
 	}
@@ -199,6 +200,78 @@ func TestPlan(t *testing.T) {
 			desired:   Config{Peers: []Peer{peerA, peerB}},
 			want:      wgtypes.Config{Peers: []wgtypes.PeerConfig{cfgA}},
 			wantStats: PlanStats{Updated: 1},
+		},
+		{
+			name:      "key change: the old key removed, the new one added, one node rekeyed",
+			current:   synced,
+			desired:   Config{Peers: []Peer{peerA, with(peerB, func(p *Peer) { p.PublicKey = key(0xc) })}},
+			want:      wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: key(0xb), Remove: true}, withCfg(cfgB, func(c *wgtypes.PeerConfig) { c.PublicKey = key(0xc) })}},
+			wantStats: PlanStats{Added: 1, Removed: 1, Rekeyed: 1},
+		},
+		{
+			name:    "key change with a prompt: keepalive on and off again in the same call",
+			current: synced,
+			desired: Config{Peers: []Peer{peerA, with(peerB, func(p *Peer) { p.PublicKey, p.Prompt = key(0xc), true })}},
+			want: wgtypes.Config{Peers: []wgtypes.PeerConfig{
+				{PublicKey: key(0xb), Remove: true},
+				withCfg(cfgB, func(c *wgtypes.PeerConfig) {
+					c.PublicKey, c.PersistentKeepaliveInterval = key(0xc), new(promptKeepalive)
+				}),
+				{PublicKey: key(0xc), UpdateOnly: true, PersistentKeepaliveInterval: new(time.Duration(0))},
+			}},
+			wantStats: PlanStats{Added: 1, Removed: 1, Rekeyed: 1, Prompted: 1},
+		},
+		{
+			name:    "prompts follow every addition",
+			current: nil,
+			desired: Config{Peers: []Peer{with(peerB, func(p *Peer) { p.Prompt = true }), with(peerA, func(p *Peer) { p.Prompt = true; p.PersistentKeepalive = 0 })}},
+			want: wgtypes.Config{Peers: []wgtypes.PeerConfig{
+				withCfg(cfgB, func(c *wgtypes.PeerConfig) { c.PersistentKeepaliveInterval = new(promptKeepalive) }),
+				withCfg(cfgA, func(c *wgtypes.PeerConfig) { c.PersistentKeepaliveInterval = new(promptKeepalive) }),
+				{PublicKey: key(0xb), UpdateOnly: true, PersistentKeepaliveInterval: new(time.Duration(0))},
+				{PublicKey: key(0xa), UpdateOnly: true, PersistentKeepaliveInterval: new(time.Duration(0))},
+			}},
+			wantStats: PlanStats{Added: 2, Prompted: 2},
+		},
+		{
+			name:    "a prompt does not concern a peer the device has",
+			current: synced,
+			desired: Config{Peers: []Peer{with(peerA, func(p *Peer) { p.Prompt = true }), with(peerB, func(p *Peer) { p.Prompt = true })}},
+		},
+		{
+			name:      "a prompt does not concern an updated peer",
+			current:   synced,
+			desired:   Config{Peers: []Peer{peerA, with(peerB, func(p *Peer) { p.Prompt, p.AllowedIPs = true, pfxs("10.2.0.0/24", "10.3.0.0/24") })}},
+			want:      wgtypes.Config{Peers: []wgtypes.PeerConfig{withCfg(cfgB, func(c *wgtypes.PeerConfig) { c.AllowedIPs = ipnets("10.2.0.0/24", "10.3.0.0/24") })}},
+			wantStats: PlanStats{Updated: 1},
+		},
+		{
+			name:      "a new peer with a keepalive of its own needs no prompt",
+			current:   dev(curB),
+			desired:   Config{Peers: []Peer{with(peerA, func(p *Peer) { p.Prompt = true }), peerB}},
+			want:      wgtypes.Config{Peers: []wgtypes.PeerConfig{cfgA}},
+			wantStats: PlanStats{Added: 1},
+		},
+		{
+			name:      "a node leaves, another joins: not rekeyed",
+			current:   synced,
+			desired:   Config{Peers: []Peer{peerA, with(peerB, func(p *Peer) { p.PublicKey, p.AllowedIPs = key(0xc), pfxs("10.3.0.0/24") })}},
+			want:      wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: key(0xb), Remove: true}, withCfg(cfgB, func(c *wgtypes.PeerConfig) { c.PublicKey, c.AllowedIPs = key(0xc), ipnets("10.3.0.0/24") })}},
+			wantStats: PlanStats{Added: 1, Removed: 1},
+		},
+		{
+			name:    "two new keys take over one old key's allowed IPs: one rekeyed",
+			current: dev(curA),
+			desired: Config{Peers: []Peer{
+				{Name: "a1", PublicKey: key(0xc), AllowedIPs: pfxs("10.1.0.0/24")},
+				{Name: "a2", PublicKey: key(0xd), AllowedIPs: pfxs("fd00:1::/64")},
+			}},
+			want: wgtypes.Config{Peers: []wgtypes.PeerConfig{
+				{PublicKey: key(0xa), Remove: true},
+				{PublicKey: key(0xc), PersistentKeepaliveInterval: new(time.Duration(0)), ReplaceAllowedIPs: true, AllowedIPs: ipnets("10.1.0.0/24")},
+				{PublicKey: key(0xd), PersistentKeepaliveInterval: new(time.Duration(0)), ReplaceAllowedIPs: true, AllowedIPs: ipnets("fd00:1::/64")},
+			}},
+			wantStats: PlanStats{Added: 2, Removed: 1, Rekeyed: 1},
 		},
 		{
 			name:      "duplicate public key: the last peer wins",

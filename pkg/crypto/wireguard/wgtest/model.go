@@ -62,6 +62,7 @@ type Model struct {
 	fwmark     int
 	peers      []*modelPeer // in creation order, as devices report them
 	configs    []wgtypes.Config
+	keepalives map[wgtypes.Key]int // keepalives sent when a configuration turned one on
 }
 
 type modelPeer struct {
@@ -140,7 +141,15 @@ func (m *Model) Configure(cfg wgtypes.Config) error {
 			p.endpoint = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 		}
 		if pc.PersistentKeepaliveInterval != nil {
-			p.keepalive = pc.PersistentKeepaliveInterval.Truncate(time.Second)
+			ka := pc.PersistentKeepaliveInterval.Truncate(time.Second)
+			if p.keepalive == 0 && ka != 0 {
+				// WireGuard sends a keepalive at once (a handshake first, without a session).
+				if m.keepalives == nil {
+					m.keepalives = map[wgtypes.Key]int{}
+				}
+				m.keepalives[pc.PublicKey]++
+			}
+			p.keepalive = ka
 		}
 		if pc.ReplaceAllowedIPs {
 			p.allowedIPs = nil
@@ -174,6 +183,16 @@ func (m *Model) SetHandshake(pub wgtypes.Key, t time.Time) bool {
 		p.handshake = t
 	}
 	return p != nil
+}
+
+// KeepalivesSent returns how many times a configuration turned the keepalive of
+// the peer pub on (from 0), which makes WireGuard send a keepalive at once,
+// and so start a handshake when it has no session with the peer. Reset keeps
+// the count.
+func (m *Model) KeepalivesSent(pub wgtypes.Key) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.keepalives[pub]
 }
 
 // Configs returns every configuration applied so far, oldest first.
