@@ -33,6 +33,9 @@ type hostRouting struct {
 // modified.
 func withNodeAddresses(peers []wireguard.Peer, nodes []v1alpha1.MeshNode, local localNode, on bool) hostRouting {
 	out := hostRouting{peers: peers}
+	if !on && !slices.ContainsFunc(nodes, func(mn v1alpha1.MeshNode) bool { return mn.Spec.NodeEncryption }) {
+		return out // nothing to accept or route: the common case, kept free of per-node work
+	}
 	byName := make(map[string]*v1alpha1.MeshNode, len(nodes))
 	claims := make(map[netip.Addr]int, len(nodes))
 	for i := range nodes {
@@ -44,18 +47,30 @@ func withNodeAddresses(peers []wireguard.Peer, nodes []v1alpha1.MeshNode, local 
 			}
 		}
 	}
-	var pods []netip.Prefix
-	pods = append(pods, local.PodCIDRs...)
+	// The pod CIDRs by prefix length: an address lies in one when its prefix of that length is
+	// one, a lookup per length in use rather than a scan of every peer's CIDRs per address.
+	pods := map[int]map[netip.Prefix]bool{}
+	addPods := func(ps []netip.Prefix) {
+		for _, p := range ps {
+			if pods[p.Bits()] == nil {
+				pods[p.Bits()] = map[netip.Prefix]bool{}
+			}
+			pods[p.Bits()][p.Masked()] = true
+		}
+	}
+	addPods(local.PodCIDRs)
 	for _, p := range peers {
-		pods = append(pods, p.AllowedIPs...)
+		addPods(p.AllowedIPs)
 	}
 	usable := func(ip netip.Addr) bool {
 		if claims[ip] != 1 || slices.Contains(local.Underlay, ip) {
 			return false
 		}
-		for _, p := range pods {
-			if p.Contains(ip) {
-				return false
+		for bits, set := range pods {
+			if bits <= ip.BitLen() {
+				if pfx, err := ip.Prefix(bits); err == nil && set[pfx] {
+					return false
+				}
 			}
 		}
 		return true
@@ -80,10 +95,9 @@ func withNodeAddresses(peers []wireguard.Peer, nodes []v1alpha1.MeshNode, local 
 		var hosts []netip.Prefix
 		for _, s := range mn.Spec.UnderlayIPs {
 			ip, err := netip.ParseAddr(string(s))
-			if err != nil || !usable(ip.Unmap()) {
+			if ip = ip.Unmap(); err != nil || !usable(ip) {
 				continue
 			}
-			ip = ip.Unmap()
 			host := netip.PrefixFrom(ip, ip.BitLen())
 			hosts = append(hosts, host)
 			if src, ok := source(ip); ok && on && mn.Spec.NodeEncryption {

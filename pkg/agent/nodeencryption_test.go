@@ -31,7 +31,7 @@ func TestWithNodeAddresses(t *testing.T) {
 	}
 	peers := []wireguard.Peer{
 		peer("n2", "10.244.2.0/24"),
-		peer("n3", "10.244.3.0/24"),
+		peer("n3", "10.244.3.0/24", "fd44:0:0:3::/64"),
 		peer("b/n9", "10.245.9.0/24"),
 	}
 	type view struct {
@@ -46,7 +46,7 @@ func TestWithNodeAddresses(t *testing.T) {
 		}
 		return v
 	}
-	pods := map[string][]netip.Prefix{"n2": {p("10.244.2.0/24")}, "n3": {p("10.244.3.0/24")}, "b/n9": {p("10.245.9.0/24")}}
+	pods := map[string][]netip.Prefix{"n2": {p("10.244.2.0/24")}, "n3": {p("10.244.3.0/24"), p("fd44:0:0:3::/64")}, "b/n9": {p("10.245.9.0/24")}}
 	with := func(extra map[string][]netip.Prefix) map[string][]netip.Prefix {
 		out := map[string][]netip.Prefix{}
 		for k, v := range pods {
@@ -82,6 +82,13 @@ func TestWithNodeAddresses(t *testing.T) {
 		{"this node's own address or one inside a pod CIDR is never a peer's",
 			[]v1alpha1.MeshNode{mn("n2", true, "10.77.0.1"), mn("n3", true, "10.244.1.7")}, true,
 			view{Allowed: pods}},
+		{"an IPv6 address inside a peer's IPv6 pod CIDR is refused too",
+			[]v1alpha1.MeshNode{mn("n2", true, "10.77.0.2", "fd44:0:0:3::9")}, true,
+			view{
+				Allowed: with(map[string][]netip.Prefix{"n2": {p("10.77.0.2/32")}}),
+				Routes:  []netip.Prefix{p("10.77.0.2/32")},
+				Sources: map[netip.Prefix]netip.Addr{p("10.77.0.2/32"): a("10.77.0.1")},
+			}},
 		{"remote clusters' nodes are left alone",
 			[]v1alpha1.MeshNode{mn("b/n9", true, "10.78.0.9")}, true,
 			view{Allowed: pods}},
