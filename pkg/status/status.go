@@ -169,11 +169,20 @@ func Evaluate(in Input) Report {
 			pairedNames = append(pairedNames, name)
 		}
 	}
+	// Whether each node should encrypt host traffic: the opt-out selector parsed once per
+	// node, not once per pair.
+	hostWanted := map[string]hostWant{}
+	if r.NodeEncryption {
+		for _, name := range pairedNames {
+			on, err := in.Config.Spec.Encryption.NodeEncryptionFor(in.NodeLabels[name])
+			hostWanted[name] = hostWant{on, err}
+		}
+	}
 	for i, a := range pairedNames {
 		for _, b := range pairedNames[i+1:] {
 			p := pair(r.Mode, r.Strict, a, b, byName[a], byName[b])
 			if r.NodeEncryption {
-				p.Host = hostPair(&in.Config.Spec.Encryption, p, byName[a], byName[b], in.NodeLabels)
+				p.Host = hostPair(p, byName[a], byName[b], hostWanted)
 			}
 			r.Pairs = append(r.Pairs, p)
 		}
@@ -225,19 +234,22 @@ func nodeRow(name string, mn *v1alpha1.MeshNode, paired bool, peers int) Node {
 	return n
 }
 
+// hostWant is whether a node should encrypt host traffic (EncryptionSpec.NodeEncryptionFor).
+type hostWant struct {
+	on  bool
+	err error
+}
+
 // hostPair judges the host traffic of a pair whose pod traffic p is judged: encrypted when p
-// is and both nodes announce node encryption; in clear by configuration when a node opts out.
-func hostPair(enc *v1alpha1.EncryptionSpec, p Pair, ma, mb *v1alpha1.MeshNode, nodeLabels map[string]map[string]string) *HostPair {
-	for _, side := range []struct {
-		name string
-		mn   *v1alpha1.MeshNode
-	}{{p.A, ma}, {p.B, mb}} {
-		on, err := enc.NodeEncryptionFor(nodeLabels[side.name])
-		switch {
-		case err != nil:
-			return &HostPair{Reason: err.Error()}
-		case !on:
-			return &HostPair{OptedOut: true, Reason: side.name + " opts out (nodeEncryptionOptOutLabels)"}
+// is and both nodes announce node encryption; in clear by configuration when a node opts out
+// (wanted says which should encrypt).
+func hostPair(p Pair, ma, mb *v1alpha1.MeshNode, wanted map[string]hostWant) *HostPair {
+	for _, name := range []string{p.A, p.B} {
+		switch w := wanted[name]; {
+		case w.err != nil:
+			return &HostPair{Reason: w.err.Error()}
+		case !w.on:
+			return &HostPair{OptedOut: true, Reason: name + " opts out (nodeEncryptionOptOutLabels)"}
 		}
 	}
 	switch {
