@@ -190,9 +190,10 @@ func (a *Agent) verifySetup(ctx context.Context, v *v1alpha1.MeshVerification, p
 				vc.byAddr[addr] = vp
 			}
 		}
-		vp.health = pairHealth(a.health, mn.Spec.HealthIPs)
 		if v.Spec.Target == v1alpha1.TargetHosts {
 			vp.health = pairHealth(a.underlay, mn.Spec.UnderlayIPs)
+		} else {
+			vp.health = pairHealth(a.health, mn.Spec.HealthIPs)
 		}
 		if vp.health.IsValid() { // in clear, probes and echoes go to the health address itself
 			vc.byAddr[vp.health] = vp

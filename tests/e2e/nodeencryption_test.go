@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"maps"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -28,19 +27,7 @@ func hostOf(n *cluster.Node) *netenv.Pod {
 // UDP, on every underlay address family; it returns the number of exchanges.
 func exchangeHosts(t *testing.T, a, b *cluster.Node, marker []byte) int {
 	t.Helper()
-	n := 0
-	for _, pr := range [][2]*netenv.Pod{{hostOf(a), hostOf(b)}, {hostOf(b), hostOf(a)}} {
-		for _, dst := range pr[1].Addrs() {
-			for _, proto := range []string{"tcp", "udp"} {
-				payload := append(slices.Clone(marker), fmt.Sprintf(" %s %s->%s", proto, pr[0].Name, dst)...)
-				if err := cluster.Exchange(context.Background(), proto, pr[0], dst, pr[1], 7400, payload, 20*time.Second); err != nil {
-					t.Fatalf("host exchange: %v", err)
-				}
-				n++
-			}
-		}
-	}
-	return n
+	return exchangePairs(t, [][2]*netenv.Pod{{hostOf(a), hostOf(b)}, {hostOf(b), hostOf(a)}}, 7400, marker)
 }
 
 // TestNodeEncryption: with node encryption on, traffic between the nodes' own addresses is

@@ -55,13 +55,19 @@ func crossNodePairs(c *cluster.Cluster) [][2]*netenv.Pod {
 // exchangeAll makes every cross-node pod pair exchange marker over TCP and UDP, IPv4 and IPv6.
 func exchangeAll(t *testing.T, c *cluster.Cluster, marker []byte) int {
 	t.Helper()
-	ctx := context.Background()
+	return exchangePairs(t, crossNodePairs(c), 7000, marker)
+}
+
+// exchangePairs makes each ordered pair send marker from the first to every address of the
+// second, over TCP and UDP, on port; it returns the number of exchanges.
+func exchangePairs(t *testing.T, pairs [][2]*netenv.Pod, port int, marker []byte) int {
+	t.Helper()
 	n := 0
-	for _, pr := range crossNodePairs(c) {
+	for _, pr := range pairs {
 		for _, dst := range pr[1].Addrs() {
 			for _, proto := range []string{"tcp", "udp"} {
 				payload := append(slices.Clone(marker), fmt.Sprintf(" %s %s->%s", proto, pr[0].Name, dst)...)
-				if err := cluster.Exchange(ctx, proto, pr[0], dst, pr[1], 7000, payload, 20*time.Second); err != nil {
+				if err := cluster.Exchange(context.Background(), proto, pr[0], dst, pr[1], port, payload, 20*time.Second); err != nil {
 					t.Fatalf("exchange: %v", err)
 				}
 				n++
