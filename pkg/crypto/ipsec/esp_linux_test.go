@@ -331,7 +331,9 @@ type udpStream struct {
 	rx   *net.UDPConn
 	sent atomic.Uint64
 	stop chan struct{}
-	done sync.WaitGroup
+	// stopped is closed when the sender has returned: sent is final.
+	stopped chan struct{}
+	done    sync.WaitGroup
 
 	mu   sync.Mutex
 	got  map[uint64]int
@@ -350,7 +352,7 @@ func startStream(t *testing.T, name string, from, to *netenv.Pod, dst netip.Addr
 		rx.Close()
 		t.Fatal(err)
 	}
-	s := &udpStream{name: name, mark: mark, tx: tx, rx: rx, stop: make(chan struct{}), got: map[uint64]int{}}
+	s := &udpStream{name: name, mark: mark, tx: tx, rx: rx, stop: make(chan struct{}), stopped: make(chan struct{}), got: map[uint64]int{}}
 	t.Cleanup(func() { tx.Close(); rx.Close() })
 	s.done.Add(2)
 	go func() {
@@ -373,6 +375,7 @@ func startStream(t *testing.T, name string, from, to *netenv.Pod, dst netip.Addr
 	}()
 	go func() {
 		defer s.done.Done()
+		defer close(s.stopped)
 		tick := time.NewTicker(interval)
 		defer tick.Stop()
 		pkt := make([]byte, len(mark)+8)
@@ -399,6 +402,9 @@ func startStream(t *testing.T, name string, from, to *netenv.Pod, dst netip.Addr
 // many arrived twice.
 func (s *udpStream) finish() (sent uint64, lost []uint64, dups int) {
 	close(s.stop)
+	// A tick that raced the stop may still send one more datagram: wait for the sender, or
+	// that datagram would be counted as sent but stop the wait for it below.
+	<-s.stopped
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {
 		s.mu.Lock()
