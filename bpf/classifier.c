@@ -79,6 +79,22 @@ struct {
 	__type(value, struct metrics_val);
 } metrics SEC(".maps");
 
+/* The connection table (docs/datapath.md, "Connections"). Its size is set by the agent at load
+ * (CT_MAX_ENTRIES by default). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CT_MAX_ENTRIES);
+	__type(key, struct ct_key);
+	__type(value, struct ct_entry);
+} conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CT_STATS_MAX_ENTRIES);
+	__type(key, __u32);
+	__type(value, __u64);
+} ct_stats SEC(".maps");
+
 /* Flow events (docs/datapath.md): the ring the agent reads, the per-CPU sampler and rate
  * limiter, and the per-CPU counters of what became of the candidates. */
 struct {
@@ -141,15 +157,62 @@ struct packet {
 	__u16 sport; /* host order; 0 for port-less protocols and non-first fragments */
 	__u16 dport; /* host order; 0 for port-less protocols and non-first fragments */
 	__u8 proto;
-	__u8 tcp_flags; /* TCP only: byte 13 of the header (flow events) */
+	__u8 tcp_flags; /* TCP only: byte 13 of the header (flow events, connection state) */
+	__u8 ct;        /* CT_NONE, CT_TRACK, CT_LOOKUP or CT_ICMP_ERROR */
+	__u16 ct_sport; /* the ports of the connection key: TCP/UDP ports; ICMP echo: the */
+	__u16 ct_dport; /* identifier on the requester's side, 0 on the responder's */
+	__u32 l4_off;   /* offset of the L4 header (ICMP errors: where the quoted packet starts - 8) */
+};
+
+/* What the connection table does with a packet. */
+enum {
+	CT_NONE = 0,       /* nothing: judged on its own (non-first fragments, other ICMP) */
+	CT_TRACK = 1,      /* looked up; a new connection's allowed first packet is entered */
+	CT_LOOKUP = 2,     /* looked up, never entered (ICMP echo replies) */
+	CT_ICMP_ERROR = 3, /* an ICMP error: related to the connection of the packet it quotes */
 };
 
 #define TCP_FLAGS_OFF 13 /* offset of the flags byte in the TCP header */
+#define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
+
+/* The first 8 bytes of an ICMP or ICMPv6 header; id is the echo identifier. */
+struct icmp_head {
+	__u8 type;
+	__u8 code;
+	__be16 csum;
+	__be16 id;
+	__be16 seq;
+};
+
+/* ICMP errors that quote a packet of a connection: destination unreachable (fragmentation
+ * needed among them), time exceeded, parameter problem; ICMPv6 also packet too big. */
+#define ICMP_ERROR(t) ((t) == 3 || (t) == 11 || (t) == 12)
+#define ICMPV6_ERROR(t) ((t) >= 1 && (t) <= 4)
+
+/* parse_icmp sets what the connection table does with an ICMP message: echo requests are
+ * tracked as connections keyed by their identifier, echo replies looked up, errors related to
+ * the connection they quote; other messages are judged on their own. */
+static __always_inline int parse_icmp(struct packet *p, __u8 type, __u8 echo, __u8 echo_reply,
+				      __be16 id, int error)
+{
+	if (type == echo) {
+		p->ct = CT_TRACK;
+		p->ct_sport = bpf_ntohs(id);
+	} else if (type == echo_reply) {
+		p->ct = CT_LOOKUP;
+		p->ct_dport = bpf_ntohs(id);
+	} else if (error) {
+		p->ct = CT_ICMP_ERROR;
+	}
+	return PARSE_OK;
+}
 
 static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *p, __u32 off)
 {
+	p->l4_off = off;
 	switch (p->proto) {
 	case IPPROTO_TCP: {
 		struct tcphdr th;
@@ -161,6 +224,9 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *p, __u
 		p->sport = bpf_ntohs(th.source);
 		p->dport = bpf_ntohs(th.dest);
 		p->tcp_flags = ((__u8 *)&th)[TCP_FLAGS_OFF];
+		p->ct = CT_TRACK;
+		p->ct_sport = p->sport;
+		p->ct_dport = p->dport;
 		return PARSE_OK;
 	}
 	case IPPROTO_UDP: {
@@ -170,27 +236,31 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *p, __u
 			return PARSE_MALFORMED;
 		p->sport = bpf_ntohs(uh.source);
 		p->dport = bpf_ntohs(uh.dest);
+		p->ct = CT_TRACK;
+		p->ct_sport = p->sport;
+		p->ct_dport = p->dport;
 		return PARSE_OK;
 	}
 	case IPPROTO_ICMP:
-		if (off + ICMP_MIN_LEN > p->len)
-			return PARSE_MALFORMED;
-		return PARSE_OK;
 	case IPPROTO_ICMPV6: {
-		__u8 type;
+		struct icmp_head ih;
 
 		if (off + ICMP_MIN_LEN > p->len)
 			return PARSE_MALFORMED;
-		if (bpf_skb_load_bytes(skb, off, &type, 1) < 0)
+		if (bpf_skb_load_bytes(skb, off, &ih, sizeof(ih)) < 0)
 			return PARSE_MALFORMED;
-		/* Neighbour discovery (router/neighbour solicitation and advertisement, redirect:
-		 * types 133-137) is IPv6's ARP: it passes like ARP, or default-deny egress would
-		 * cut an IPv6 pod off its gateway. */
-		if (type >= 133 && type <= 137)
-			return PARSE_NON_IP;
-		return PARSE_OK;
+		if (p->proto == IPPROTO_ICMPV6) {
+			/* Neighbour discovery (router/neighbour solicitation and advertisement,
+			 * redirect: types 133-137) is IPv6's ARP: it passes like ARP, or
+			 * default-deny egress would cut an IPv6 pod off its gateway. */
+			if (ih.type >= 133 && ih.type <= 137)
+				return PARSE_NON_IP;
+			return parse_icmp(p, ih.type, 128, 129, ih.id, ICMPV6_ERROR(ih.type));
+		}
+		return parse_icmp(p, ih.type, 8, 0, ih.id, ICMP_ERROR(ih.type));
 	}
 	default:
+		p->ct = CT_TRACK;
 		return PARSE_OK;
 	}
 }
@@ -423,13 +493,13 @@ static __always_inline int flow_take_token(struct flow_cpu *st, __u32 cls, __u32
 /* flow_observe offers the packet just classified to the flow event ring. It never changes the
  * verdict, which is decided before it runs: whatever happens here (events off, not sampled,
  * rate-limited, ring full) the caller returns the same value. Events off costs one array
- * lookup. src is looked up only when an event is written and the verdict did not need it
- * (lookup_src). */
+ * lookup. flags are the FLOW_* the caller knows (FLOW_TRACKED, FLOW_REPLY). */
 static __always_inline void flow_observe(struct __sk_buff *skb, struct packet *p,
 					 struct ipcache_val *src, struct ipcache_val *dst,
-					 int lookup_src, __u32 reason, const int from_pod)
+					 __u32 reason, const int from_pod,
+					 __u32 flags)
 {
-	__u32 key = CONFIG_FLOW_RATE, zero = 0, cls = FLOW_CLASS_DROP, flags = 0, peer;
+	__u32 key = CONFIG_FLOW_RATE, zero = 0, cls = FLOW_CLASS_DROP, peer;
 	__u32 *rate, *sample;
 	struct flow_cpu *st;
 	struct flow_event *e;
@@ -463,8 +533,6 @@ static __always_inline void flow_observe(struct __sk_buff *skb, struct packet *p
 		flow_count(FLOW_STAT_RATE_LIMITED);
 		return;
 	}
-	if (lookup_src)
-		*src = lookup_identity(&p->src);
 
 	peer = from_pod ? dst->flags : src->flags;
 	if (!from_pod)
@@ -497,60 +565,350 @@ static __always_inline void flow_observe(struct __sk_buff *skb, struct packet *p
 	flow_count(FLOW_STAT_SUBMITTED);
 }
 
-/* decide finds the reason (and with it the verdict) for a parsed IP packet. It fills *src and
- * *dst with what the ipcache says, and sets *lookup_src when it did not need the source. */
-static __always_inline __u32 decide(struct packet *p, struct ipcache_val *src,
-				    struct ipcache_val *dst, int *lookup_src, const int from_pod)
+/* judgement is a policy decision about a connection's first packet, in the originator's
+ * direction. */
+struct judgement {
+	struct ipcache_val src; /* the originator */
+	struct ipcache_val dst; /* the responder */
+	__u32 reason;           /* ALLOWED, ALLOWED_NO_POLICY, DENIED_EGRESS or DENIED_INGRESS */
+	__u32 required;         /* the connection must be encrypted cross-node */
+};
+
+/* judge decides a connection src -> dst (proto, dport) by policy. from_pod checks the
+ * originator's egress and the responder's ingress (the sender enforces the receiver's ingress
+ * too, so denied traffic never reaches the wire); to_pod the responder's ingress only. It also
+ * finds whether the connection must be encrypted: strict mode, a Required rule that allowed it,
+ * or a Required policy selecting the originator's egress or the responder's ingress. */
+static __always_inline void judge(struct ipcache_key *src, struct ipcache_key *dst, __u8 proto,
+				  __u16 dport, struct judgement *j, int from_pod)
 {
-	__u32 ef_src = 0, ef_dst, pf_egress = 0, pf_ingress;
+	__u32 ef_src, ef_dst, pf_egress = 0, pf_ingress = 0, key = CONFIG_FLAGS, *cfg;
 
-	*dst = lookup_identity(&p->dst);
-	ef_dst = enforce_flags(dst->identity, DIR_INGRESS);
-	if (!from_pod && !(ef_dst & ENFORCE_DENY)) {
-		/* to_pod checks only the pod's ingress: without default-deny the source's
-		 * identity does not matter, and its trie lookup is saved. */
-		*lookup_src = 1;
-		return REASON_ALLOWED_NO_POLICY;
+	j->dst = lookup_identity(dst);
+	j->src = lookup_identity(src);
+	ef_dst = enforce_flags(j->dst.identity, DIR_INGRESS);
+	ef_src = enforce_flags(j->src.identity, DIR_EGRESS);
+	j->required = 0;
+
+	if (from_pod && !check_dir(j->src.identity, j->dst.identity, proto, dport, DIR_EGRESS,
+				   ef_src, &pf_egress)) {
+		j->reason = REASON_DENIED_EGRESS;
+		return;
 	}
-	*src = lookup_identity(&p->src);
-
-	if (from_pod) {
-		ef_src = enforce_flags(src->identity, DIR_EGRESS);
-		if (!check_dir(src->identity, dst->identity, p->proto, p->dport, DIR_EGRESS, ef_src,
-			       &pf_egress))
-			return REASON_DENIED_EGRESS;
+	if (!check_dir(j->dst.identity, j->src.identity, proto, dport, DIR_INGRESS, ef_dst,
+		       &pf_ingress)) {
+		j->reason = REASON_DENIED_INGRESS;
+		return;
 	}
-	if (!check_dir(dst->identity, src->identity, p->proto, p->dport, DIR_INGRESS, ef_dst,
-		       &pf_ingress))
-		return REASON_DENIED_INGRESS;
+	cfg = bpf_map_lookup_elem(&config, &key);
+	if ((cfg && (*cfg & CONFIG_STRICT)) || ((pf_egress | pf_ingress) & POLICY_ENCRYPT) ||
+	    ((ef_src | ef_dst) & ENFORCE_ENCRYPT))
+		j->required = 1;
+	if ((from_pod ? ef_src | ef_dst : ef_dst) & ENFORCE_DENY)
+		j->reason = REASON_ALLOWED;
+	else
+		j->reason = REASON_ALLOWED_NO_POLICY;
+}
 
-	/* Traffic to a remote pod that must be encrypted never leaves in clear: without a ready
-	 * tunnel for the destination it is dropped here. Strict mode requires it of all. */
-	if (from_pod && !(dst->flags & IPCACHE_LOCAL_POD) && (dst->flags & IPCACHE_REMOTE_POD) &&
-	    !(dst->flags & IPCACHE_TUNNEL_READY)) {
-		__u32 key = CONFIG_FLAGS;
-		__u32 *cfg = bpf_map_lookup_elem(&config, &key);
+/* unencrypted says whether a packet to an endpoint with ipcache flags to_flags, of a
+ * connection that must be encrypted, would leave in clear: the endpoint is a pod on another
+ * node whose tunnel is not ready. Only from_pod asks: to_pod delivers to a local pod. */
+static __always_inline int unencrypted(__u32 required, __u32 to_flags)
+{
+	return required && !(to_flags & IPCACHE_LOCAL_POD) && (to_flags & IPCACHE_REMOTE_POD) &&
+	       !(to_flags & IPCACHE_TUNNEL_READY);
+}
 
-		if ((cfg && (*cfg & CONFIG_STRICT)) || ((pf_egress | pf_ingress) & POLICY_ENCRYPT) ||
-		    ((ef_src | ef_dst) & ENFORCE_ENCRYPT))
-			return REASON_DROP_NOT_ENCRYPTED;
+static __always_inline void ct_count(__u32 stat)
+{
+	__u64 *n = bpf_map_lookup_elem(&ct_stats, &stat);
+
+	if (n)
+		(*n)++;
+}
+
+/* ct_key_of fills k with the connection of (src sport) -> (dst dport) and returns 1 when src
+ * is endpoint a. The order of the endpoints is any fixed total order: here the addresses as
+ * four 32-bit words, then the ports. */
+static __always_inline int ct_key_of(struct ct_key *k, const __u8 *src, const __u8 *dst,
+				     __u16 sport, __u16 dport, __u8 proto)
+{
+	const __u32 *s = (const __u32 *)src, *d = (const __u32 *)dst;
+	int src_a;
+
+	if (s[0] != d[0])
+		src_a = s[0] < d[0];
+	else if (s[1] != d[1])
+		src_a = s[1] < d[1];
+	else if (s[2] != d[2])
+		src_a = s[2] < d[2];
+	else if (s[3] != d[3])
+		src_a = s[3] < d[3];
+	else
+		src_a = sport <= dport;
+
+	if (src_a) {
+		__builtin_memcpy(k->addr_a, src, 16);
+		__builtin_memcpy(k->addr_b, dst, 16);
+		k->port_a = sport;
+		k->port_b = dport;
+	} else {
+		__builtin_memcpy(k->addr_a, dst, 16);
+		__builtin_memcpy(k->addr_b, src, 16);
+		k->port_a = dport;
+		k->port_b = sport;
+	}
+	k->proto = proto;
+	return src_a;
+}
+
+static __always_inline int addr_eq(const __u8 *x, const __u8 *y)
+{
+	const __u32 *a = (const __u32 *)x, *b = (const __u32 *)y;
+
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline __u64 ct_timeout(const struct ct_entry *e, __u8 proto)
+{
+	if (proto != IPPROTO_TCP)
+		return CT_TIMEOUT_OTHER;
+	if ((e->flags & CT_RST) ||
+	    (e->flags & (CT_FIN_ORIG | CT_FIN_REPLY)) == (CT_FIN_ORIG | CT_FIN_REPLY))
+		return CT_TIMEOUT_TCP_CLOSE;
+	if (!(e->flags & CT_REPLIED))
+		return CT_TIMEOUT_TCP_SYN;
+	return CT_TIMEOUT_TCP;
+}
+
+static __always_inline int ct_closing(const struct ct_entry *e)
+{
+	return (e->flags & CT_RST) ||
+	       (e->flags & (CT_FIN_ORIG | CT_FIN_REPLY)) == (CT_FIN_ORIG | CT_FIN_REPLY);
+}
+
+/* ct_current makes sure entry e of connection k holds a judgement made at epoch: when it was
+ * judged at another one, it is judged again, as the program that entered it judged it, with
+ * the originator's address and destination port from the key and identities from the ipcache
+ * now. It returns the reason: a denial leaves the entry as it was (its packets keep being
+ * judged until a policy allows them again or it times out). */
+static __always_inline __u32 ct_current(struct ct_entry *e, const struct ct_key *k, __u32 epoch)
+{
+	struct ipcache_key a = {.prefixlen = 128}, b = {.prefixlen = 128};
+	struct judgement j = {};
+	__u16 dport;
+	__u8 flags;
+
+	if (e->epoch == epoch)
+		return e->reason;
+	ct_count(CT_STAT_REJUDGED);
+	__builtin_memcpy(a.addr, k->addr_a, 16);
+	__builtin_memcpy(b.addr, k->addr_b, 16);
+	dport = (e->flags & CT_ORIG_A) ? k->port_b : k->port_a;
+	if (k->proto != IPPROTO_TCP && k->proto != IPPROTO_UDP)
+		dport = 0;
+	if (e->flags & CT_ORIG_A)
+		judge(&a, &b, k->proto, dport, &j, e->flags & CT_FROM_POD);
+	else
+		judge(&b, &a, k->proto, dport, &j, e->flags & CT_FROM_POD);
+	if (reason_drops(j.reason))
+		return j.reason;
+	e->src_identity = j.src.identity;
+	e->dst_identity = j.dst.identity;
+	e->src_flags = j.src.flags;
+	e->dst_flags = j.dst.flags;
+	e->reason = j.reason;
+	flags = e->flags & ~CT_REQUIRED;
+	if (j.required)
+		flags |= CT_REQUIRED;
+	e->flags = flags;
+	e->epoch = epoch;
+	return j.reason;
+}
+
+/* tracked is what the connection table decided about a packet of a known connection. */
+struct tracked {
+	struct ipcache_val src; /* the packet's source, from the entry */
+	struct ipcache_val dst; /* the packet's destination */
+	__u32 reason;
+	__u32 flow_flags; /* FLOW_TRACKED, FLOW_REPLY */
+};
+
+/* ct_known looks p up in the connection table. It returns 1 and fills *t when the packet
+ * belongs to a live connection (or, for an ICMP error, quotes one) that policy still allows
+ * or, when policy no longer allows it, denies it; 0 when it is not known and must be judged
+ * as a new connection. */
+static __always_inline int ct_known(struct __sk_buff *skb, struct packet *p, struct tracked *t,
+				    __u32 epoch, __u64 now, const int from_pod)
+{
+	struct ct_key k = {};
+	struct ct_entry *e;
+	__u32 reason, from_flags, to_flags, fwd;
+	__u8 flags;
+	int src_a;
+
+	if (p->ct == CT_ICMP_ERROR) {
+		/* The quoted packet: its IP header, then at least 8 bytes of its L4 header. It
+		 * was sent by the error's destination. */
+		__u32 off = p->l4_off + ICMP_MIN_LEN;
+		__u8 inner_src[16] = {}, inner_dst[16] = {}, proto;
+		__u16 ports[2] = {};
+
+		if (p->proto == IPPROTO_ICMP) { /* quoting an IPv4 packet */
+			struct iphdr ip;
+
+			if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0 || ip.version != 4 ||
+			    ip.ihl < 5)
+				return 0;
+			inner_src[10] = inner_src[11] = 0xff;
+			inner_dst[10] = inner_dst[11] = 0xff;
+			__builtin_memcpy(&inner_src[12], &ip.saddr, 4);
+			__builtin_memcpy(&inner_dst[12], &ip.daddr, 4);
+			proto = ip.protocol;
+			off += ip.ihl * 4;
+		} else {
+			struct ipv6hdr ip6;
+
+			if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0 || ip6.version != 6)
+				return 0;
+			__builtin_memcpy(inner_src, &ip6.saddr, 16);
+			__builtin_memcpy(inner_dst, &ip6.daddr, 16);
+			proto = ip6.nexthdr;
+			off += sizeof(ip6);
+		}
+		if (!addr_eq(inner_src, p->dst.addr))
+			return 0;
+		if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+			if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
+				return 0;
+			ports[0] = bpf_ntohs(ports[0]);
+			ports[1] = bpf_ntohs(ports[1]);
+		} else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
+			struct icmp_head ih;
+
+			if (bpf_skb_load_bytes(skb, off, &ih, sizeof(ih)) < 0)
+				return 0;
+			if (ih.type == (proto == IPPROTO_ICMP ? 8 : 128))
+				ports[0] = bpf_ntohs(ih.id);
+			else if (ih.type == (proto == IPPROTO_ICMP ? 0 : 129))
+				ports[1] = bpf_ntohs(ih.id);
+			else
+				return 0;
+		}
+		src_a = ct_key_of(&k, inner_src, inner_dst, ports[0], ports[1], proto);
+		e = bpf_map_lookup_elem(&conntrack, &k);
+		if (!e || now - e->seen > ct_timeout(e, proto))
+			return 0;
+		reason = ct_current(e, &k, epoch);
+		if (reason_drops(reason))
+			return 0; /* no longer allowed: the error is judged on its own */
+		/* The error goes to the quoted packet's sender. */
+		fwd = !!(e->flags & CT_ORIG_A) == !!src_a; /* the quoted packet went orig -> resp */
+		to_flags = fwd ? e->src_flags : e->dst_flags;
+		t->reason = reason;
+		t->flow_flags = FLOW_TRACKED | FLOW_REPLY;
+		t->dst.identity = fwd ? e->src_identity : e->dst_identity;
+		t->dst.flags = to_flags;
+		t->src = lookup_identity(&p->src);
+		if (from_pod && unencrypted(e->flags & CT_REQUIRED, to_flags))
+			t->reason = REASON_DROP_NOT_ENCRYPTED;
+		return 1;
 	}
 
-	if ((ef_src | ef_dst) & ENFORCE_DENY)
-		return REASON_ALLOWED;
-	return REASON_ALLOWED_NO_POLICY;
+	src_a = ct_key_of(&k, p->src.addr, p->dst.addr, p->ct_sport, p->ct_dport, p->proto);
+	e = bpf_map_lookup_elem(&conntrack, &k);
+	if (!e)
+		return 0;
+	if (now - e->seen > ct_timeout(e, p->proto))
+		return 0; /* timed out: a new connection */
+	/* A TCP SYN on a closed connection opens a new one on the same ports. */
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
+	    ct_closing(e))
+		return 0;
+
+	fwd = !!(e->flags & CT_ORIG_A) == !!src_a; /* the packet goes originator -> responder */
+	reason = ct_current(e, &k, epoch);
+	if (reason_drops(reason)) {
+		t->reason = reason;
+		t->flow_flags = FLOW_TRACKED;
+		t->src = lookup_identity(&p->src);
+		t->dst = lookup_identity(&p->dst);
+		return 1;
+	}
+
+	flags = e->flags;
+	if (!fwd)
+		flags |= CT_REPLIED;
+	if (p->proto == IPPROTO_TCP) {
+		if (p->tcp_flags & TCP_FLAG_FIN)
+			flags |= fwd ? CT_FIN_ORIG : CT_FIN_REPLY;
+		if (p->tcp_flags & TCP_FLAG_RST)
+			flags |= CT_RST;
+	}
+	if (flags != e->flags)
+		e->flags = flags;
+	if (now - e->seen > CT_REFRESH)
+		e->seen = now;
+
+	from_flags = fwd ? e->src_flags : e->dst_flags;
+	to_flags = fwd ? e->dst_flags : e->src_flags;
+	t->src.identity = fwd ? e->src_identity : e->dst_identity;
+	t->src.flags = from_flags;
+	t->dst.identity = fwd ? e->dst_identity : e->src_identity;
+	t->dst.flags = to_flags;
+	t->reason = reason;
+	t->flow_flags = fwd ? FLOW_TRACKED : FLOW_TRACKED | FLOW_REPLY;
+	if (from_pod && unencrypted(e->flags & CT_REQUIRED, to_flags))
+		t->reason = REASON_DROP_NOT_ENCRYPTED;
+	return 1;
+}
+
+/* ct_enter enters the connection whose first packet p was just allowed. A failed write is
+ * counted and changes nothing else: the packet is allowed (policy allowed it), and its replies
+ * are judged on their own. */
+static __always_inline void ct_enter(struct packet *p, struct judgement *j, __u32 epoch,
+				     __u64 now, const int from_pod)
+{
+	struct ct_key k = {};
+	struct ct_entry e = {
+		.seen = now,
+		.epoch = epoch,
+		.src_identity = j->src.identity,
+		.dst_identity = j->dst.identity,
+		.src_flags = j->src.flags,
+		.dst_flags = j->dst.flags,
+		.reason = j->reason,
+	};
+
+	if (ct_key_of(&k, p->src.addr, p->dst.addr, p->ct_sport, p->ct_dport, p->proto))
+		e.flags |= CT_ORIG_A;
+	if (from_pod)
+		e.flags |= CT_FROM_POD;
+	if (j->required)
+		e.flags |= CT_REQUIRED;
+	if (p->proto == IPPROTO_TCP) {
+		if (p->tcp_flags & TCP_FLAG_FIN)
+			e.flags |= CT_FIN_ORIG;
+		if (p->tcp_flags & TCP_FLAG_RST)
+			e.flags |= CT_RST;
+	}
+	if (bpf_map_update_elem(&conntrack, &k, &e, BPF_ANY) == 0)
+		ct_count(CT_STAT_CREATED);
+	else
+		ct_count(CT_STAT_CREATE_FAILED);
 }
 
 static __always_inline int classify(struct __sk_buff *skb, const int from_pod)
 {
 	struct packet p = {};
-	struct ipcache_val src = {}, dst = {};
-	int lookup_src = 0, verdict;
-	__u32 reason;
+	struct tracked t = {};
+	struct judgement j = {};
+	__u32 reason, key = CONFIG_EPOCH, epoch = 0, *ep;
+	__u64 now;
+	int verdict;
 
 	switch (parse(skb, &p)) {
 	case PARSE_OK:
-		reason = decide(&p, &src, &dst, &lookup_src, from_pod);
 		break;
 	case PARSE_NON_IP:
 		/* Not a flow: no event. */
@@ -558,14 +916,40 @@ static __always_inline int classify(struct __sk_buff *skb, const int from_pod)
 	default:
 		/* Identities stay 0 (unknown) in its event. */
 		reason = REASON_DROP_MALFORMED;
-		break;
+		verdict = VERDICT_DROP;
+		account(skb, reason, verdict);
+		flow_observe(skb, &p, &j.src, &j.dst, reason, from_pod, 0);
+		return verdict;
 	}
+
+	/* The epoch is read before anything is judged: a judgement that raced a map change is
+	 * recorded at the older epoch and made again. */
+	ep = bpf_map_lookup_elem(&config, &key);
+	if (ep)
+		epoch = *ep;
+	now = bpf_ktime_get_boot_ns();
+
+	if (p.ct != CT_NONE && ct_known(skb, &p, &t, epoch, now, from_pod)) {
+		reason = t.reason;
+		verdict = reason_drops(reason) ? VERDICT_DROP : VERDICT_PASS;
+		account(skb, reason, verdict);
+		flow_observe(skb, &p, &t.src, &t.dst, reason, from_pod, t.flow_flags);
+		return verdict;
+	}
+
+	judge(&p.src, &p.dst, p.proto, p.dport, &j, from_pod);
+	reason = j.reason;
+	/* Traffic to a remote pod that must be encrypted never leaves in clear: without a ready
+	 * tunnel for the destination it is dropped here. */
+	if (!reason_drops(reason) && from_pod && unencrypted(j.required, j.dst.flags))
+		reason = REASON_DROP_NOT_ENCRYPTED;
+	if (!reason_drops(reason) && p.ct == CT_TRACK)
+		ct_enter(&p, &j, epoch, now, from_pod);
 
 	/* The verdict is fixed here; the flow event cannot change it. */
 	verdict = reason_drops(reason) ? VERDICT_DROP : VERDICT_PASS;
-
 	account(skb, reason, verdict);
-	flow_observe(skb, &p, &src, &dst, lookup_src, reason, from_pod);
+	flow_observe(skb, &p, &j.src, &j.dst, reason, from_pod, 0);
 	return verdict;
 }
 

@@ -90,7 +90,10 @@ struct metrics_val {
 			      * each; 0: no flow events at all */
 #define CONFIG_FLOW_SAMPLE 2 /* 1 in N allowed packets per CPU, and every TCP SYN, is a candidate
 			      * for an event; 0: drops only */
-#define CONFIG_MAX_ENTRIES 4 /* room to grow */
+#define CONFIG_EPOCH 3       /* the policy epoch: the agent bumps it whenever the ipcache, policy,
+			      * enforce maps or strict mode change; a tracked connection judged
+			      * at an older epoch is judged again (docs/datapath.md, "Connections") */
+#define CONFIG_MAX_ENTRIES 4
 
 /* config[CONFIG_FLAGS] flags. */
 #define CONFIG_STRICT (1U << 0) /* every packet to a remote pod needs a ready tunnel */
@@ -120,6 +123,9 @@ struct flow_event {
 #define FLOW_ENCRYPTED (1U << 2) /* passed, and the peer's tunnel is ready: the packet goes into
 				  * (from_pod) or came out of (to_pod) the encrypted tunnel */
 #define FLOW_SAMPLED (1U << 3)   /* an allowed packet picked by the 1-in-N sampler (not a TCP SYN) */
+#define FLOW_TRACKED (1U << 4)   /* passed by the connection table, not judged anew */
+#define FLOW_REPLY (1U << 5)     /* FLOW_TRACKED, going from the responder to the originator, or an
+				  * ICMP error about a tracked connection */
 
 /* flow_state: per-CPU rate limiter and sampler state. */
 struct flow_cpu {
@@ -141,5 +147,57 @@ enum flow_stat {
 };
 
 #define FLOW_STATS_MAX_ENTRIES 4
+
+/* conntrack: LRU hash of connections (docs/datapath.md, "Connections"). The key is the
+ * connection's two endpoints in a fixed order (a before b), so both directions find the one
+ * entry. */
+struct ct_key {
+	__u8 addr_a[16]; /* as in ipcache keys: IPv4 as ::ffff:a.b.c.d */
+	__u8 addr_b[16];
+	__u16 port_a;    /* host order; TCP/UDP ports, ICMP echo: the identifier on the requester's
+			  * side and 0 on the responder's */
+	__u16 port_b;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct ct_entry {
+	__u64 seen;         /* bpf_ktime_get_boot_ns() of the last refresh (at most 1 s old) */
+	__u32 epoch;        /* config[CONFIG_EPOCH] when the connection was last judged */
+	__u32 src_identity; /* the originator's identity when last judged */
+	__u32 dst_identity; /* the responder's */
+	__u8 src_flags;     /* the originator's ipcache flags when last judged */
+	__u8 dst_flags;     /* the responder's */
+	__u8 reason;        /* REASON_ALLOWED or REASON_ALLOWED_NO_POLICY */
+	__u8 flags;         /* CT_* */
+};
+
+#define CT_ORIG_A (1U << 0)    /* the originator is endpoint a of the key */
+#define CT_FROM_POD (1U << 1)  /* judged by from_pod (egress and ingress); else by to_pod (ingress) */
+#define CT_REQUIRED (1U << 2)  /* must be encrypted cross-node, both directions */
+#define CT_REPLIED (1U << 3)   /* the responder has sent a packet */
+#define CT_FIN_ORIG (1U << 4)  /* TCP: the originator sent FIN */
+#define CT_FIN_REPLY (1U << 5) /* TCP: the responder sent FIN */
+#define CT_RST (1U << 6)       /* TCP: either side sent RST */
+
+#define CT_MAX_ENTRIES (1U << 18) /* the default; the agent sets the size at load */
+
+/* Idle timeouts, nanoseconds. */
+#define CT_TIMEOUT_TCP_SYN (60ULL * 1000000000ULL)      /* TCP not yet answered */
+#define CT_TIMEOUT_TCP (21600ULL * 1000000000ULL)       /* TCP answered: 6 hours */
+#define CT_TIMEOUT_TCP_CLOSE (10ULL * 1000000000ULL)    /* TCP after RST, or FIN both ways */
+#define CT_TIMEOUT_OTHER (60ULL * 1000000000ULL)        /* UDP, ICMP echo, other protocols */
+#define CT_REFRESH (1000000000ULL)                      /* seen is rewritten at most once a second */
+
+/* ct_stats: per-CPU array of __u64 counters. */
+enum ct_stat {
+	CT_STAT_CREATED = 0,       /* connections entered */
+	CT_STAT_CREATE_FAILED = 1, /* allowed first packets whose entry could not be written: their
+				    * replies are judged on their own, never allowed blindly */
+	CT_STAT_REJUDGED = 2,      /* packets of a connection judged again after an epoch change */
+	CT_STATS = 3,
+};
+
+#define CT_STATS_MAX_ENTRIES 4
 
 #endif /* MESHCRYPT_DATAPATH_H */

@@ -130,6 +130,7 @@ func newRootCmd() *cobra.Command {
 	f.StringVar(&metricsAddr, "metrics-addr", fmt.Sprintf(":%d", metrics.DefaultPort), "listen address of /metrics, /healthz and /readyz (\"\" disables)")
 	f.Uint32Var(&opts.Flows.Rate, "flow-rate", agent.DefaultFlowRate, "at most this many flow `events` per second and CPU, for drops and for sampled allowed packets each, while meshcrypt monitor watches (0 disables /flows)")
 	f.Uint32Var(&opts.Flows.Sample, "flow-sample", agent.DefaultFlowSample, "report 1 in `N` allowed packets per CPU (and every TCP SYN) as flow events; 0 reports drops only")
+	f.IntVar(&opts.ConntrackSize, "conntrack-size", datapath.DefaultConntrackSize, "connections the policy classifier tracks per node (an LRU; about 128 bytes of kernel memory each)")
 	f.StringVar(&attach, "attach-mode", "auto", "how the policy classifier attaches to pod interfaces: auto (TCX, else tc), tcx or tc")
 	f.StringVar(&opts.BPFPinDir, "bpf-pin-dir", "/sys/fs/bpf/meshcrypt", "bpffs directory where classifier maps and links are pinned (\"\" pins nothing)")
 	f.StringVar(&opts.ClusterName, "cluster-name", "default", "this cluster's name, part of every identity")

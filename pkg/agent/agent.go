@@ -101,6 +101,9 @@ type Options struct {
 	IdentityGCGrace, IdentityGCInterval time.Duration
 	// Flows configure the flow events served on /flows (flows.go).
 	Flows FlowOptions
+	// ConntrackSize is the number of connections the policy classifier tracks (0: the
+	// datapath's default).
+	ConntrackSize int
 	// NoHealthEndpoint leaves out the health endpoint (the highest address but one of each
 	// pod CIDR, on lo), and with it `meshcrypt verify` (verify.go).
 	NoHealthEndpoint bool
@@ -350,7 +353,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.opts.BPFPinDir != "" {
 		pin = filepath.Join(a.opts.BPFPinDir, a.opts.NodeName)
 	}
-	clf, err := datapath.LoadClassifier(datapath.ClassifierOptions{PinPath: pin, Logger: a.log})
+	clf, err := datapath.LoadClassifier(datapath.ClassifierOptions{PinPath: pin, Logger: a.log, ConntrackSize: a.opts.ConntrackSize})
 	if err != nil {
 		return err
 	}

@@ -219,11 +219,18 @@ func (a *Agent) flowRecord(f datapath.Flow) flow.Record {
 		Encrypted:   f.Encrypted,
 		Remote:      f.Remote,
 		Sampled:     f.Sampled,
+		Connection:  flow.ConnectionNew,
 		Protocol:    flow.ProtocolName(f.Proto),
 		TCPFlags:    flow.TCPFlagNames(f.TCPFlags),
 		Length:      f.Length,
 		Source:      a.flowEndpoint(f.SrcIdentity, f.Src),
 		Destination: a.flowEndpoint(f.DstIdentity, f.Dst),
+	}
+	switch {
+	case f.Reply:
+		fl.Connection = flow.ConnectionReply
+	case f.Tracked:
+		fl.Connection = flow.ConnectionEstablished
 	}
 	return flow.Record{Time: f.Time, Node: a.opts.NodeName, Flow: fl}
 }

@@ -87,19 +87,22 @@ func TestFlowRecord(t *testing.T) {
 		Time: at, Direction: datapath.ToPod, Reason: datapath.ReasonAllowed,
 		SrcIdentity: 70001, DstIdentity: 70000,
 		Src: netip.MustParseAddrPort("10.1.0.5:5555"), Dst: netip.MustParseAddrPort("10.0.0.1:80"),
-		Proto: 6, TCPFlags: 0x12, Remote: true, Encrypted: true, Length: 74,
+		Proto: 6, TCPFlags: 0x12, Remote: true, Encrypted: true, Length: 74, Tracked: true, Reply: true,
 	})
 	want := flow.Record{Time: at, Node: "n1", Flow: &flow.Flow{
 		Direction: "to_pod", Verdict: flow.Allow, Reason: "allowed", Encrypted: true, Remote: true,
-		Protocol: "TCP", TCPFlags: "SYN|ACK", Length: 74,
+		Connection: flow.ConnectionReply, Protocol: "TCP", TCPFlags: "SYN|ACK", Length: 74,
 		Source:      flow.Endpoint{Identity: 70001, IP: netip.MustParseAddr("10.1.0.5"), Port: 5555},
 		Destination: flow.Endpoint{Identity: 70000, Labels: web.Map(), IP: netip.MustParseAddr("10.0.0.1"), Port: 80},
 	}}
 	if diff := cmp.Diff(want, got, cmp.Comparer(func(x, y netip.Addr) bool { return x == y })); diff != "" {
 		t.Errorf("record (-want +got):\n%s", diff)
 	}
-	if r := a.flowRecord(datapath.Flow{Reason: datapath.ReasonDropMalformed}); r.Flow.Verdict != flow.Drop || r.Flow.Source.IP.IsValid() {
+	if r := a.flowRecord(datapath.Flow{Reason: datapath.ReasonDropMalformed}); r.Flow.Verdict != flow.Drop || r.Flow.Source.IP.IsValid() || r.Flow.Connection != flow.ConnectionNew {
 		t.Errorf("malformed: %+v", r.Flow)
+	}
+	if r := a.flowRecord(datapath.Flow{Reason: datapath.ReasonAllowed, Tracked: true}); r.Flow.Connection != flow.ConnectionEstablished {
+		t.Errorf("tracked: connection %q", r.Flow.Connection)
 	}
 }
 

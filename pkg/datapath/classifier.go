@@ -212,7 +212,19 @@ type ClassifierOptions struct {
 	PinPath string
 	// Logger receives the classifier's log lines; nil discards them.
 	Logger *slog.Logger
+	// ConntrackSize is the number of connections the connection table holds (an LRU: when
+	// it is full the least recently used connection makes room, and that connection's next
+	// packets are judged again as first packets). 0 means DefaultConntrackSize. The table is
+	// preallocated: about ConntrackEntryBytes bytes each.
+	ConntrackSize int
 }
+
+// DefaultConntrackSize is the connection table's size when ClassifierOptions leave it 0.
+const DefaultConntrackSize = 1 << 18
+
+// ConntrackEntryBytes is what one connection table entry costs in kernel memory, measured
+// (docs/performance.md): key, value and the LRU hash element's own bookkeeping.
+const ConntrackEntryBytes = 128
 
 // Classifier is the loaded policy classifier: its programs, its maps, and the TCX links this
 // process holds. Its methods are safe for concurrent use.
@@ -260,6 +272,14 @@ func LoadClassifier(opts ClassifierOptions) (*Classifier, error) {
 		}
 		collOpts.Maps.PinPath = opts.PinPath
 	}
+	size := opts.ConntrackSize
+	if size == 0 {
+		size = DefaultConntrackSize
+	}
+	if size < 0 || size > 1<<24 {
+		return nil, fmt.Errorf("connection table size %d: want 1 to %d", size, 1<<24)
+	}
+	spec.Maps["conntrack"].MaxEntries = uint32(size)
 	c := &Classifier{pinPath: opts.PinPath, log: log, links: map[linkKey]link.Link{}}
 	err = spec.LoadAndAssign(&c.objs, collOpts)
 	if errors.Is(err, ebpf.ErrMapIncompatible) && opts.PinPath != "" {
@@ -358,8 +378,11 @@ func (c *Classifier) Close() error {
 // reads the map (which may hold a previous agent's pinned entries), later calls diff against
 // what the previous calls wrote, so an unchanged entry costs one Go map lookup and no
 // syscall. After an error the next call reads the map again. desired is not retained.
-func (c *Classifier) ApplyIPCache(ctx context.Context, desired map[netip.Prefix]IPCacheEntry) (MapStats, error) {
-	desired, err := normalizeIPCache(desired)
+//
+// When anything changed, tracked connections are judged again at their next packet
+// (docs/datapath.md, "Connections").
+func (c *Classifier) ApplyIPCache(ctx context.Context, desired map[netip.Prefix]IPCacheEntry) (_ MapStats, err error) {
+	desired, err = normalizeIPCache(desired)
 	if err != nil {
 		return MapStats{}, err
 	}
@@ -372,6 +395,7 @@ func (c *Classifier) ApplyIPCache(ctx context.Context, desired map[netip.Prefix]
 	if err != nil {
 		return MapStats{}, fmt.Errorf("read ipcache: %w", err)
 	}
+	defer c.bumpEpochIfChanged(d.stats, &err)
 	if err := c.ipcache.upsert(ctx, d); err != nil {
 		return d.stats, fmt.Errorf("update ipcache: %w", err)
 	}
@@ -418,7 +442,10 @@ func normalPrefix(p netip.Prefix) netip.Prefix {
 // what differs (as ApplyIPCache does). The order of changes never denies, even for a moment,
 // traffic that both the old and the new state allow: new allow entries first, then the
 // enforce changes and removals, then the stale allow entries. The maps are not retained.
-func (c *Classifier) ApplyPolicy(ctx context.Context, allow map[PolicyKey]PolicyValue, enforce map[EnforceKey]EnforceValue) (MapStats, error) {
+//
+// When anything changed, tracked connections are judged again at their next packet, so a
+// connection the new policy no longer allows stops at once.
+func (c *Classifier) ApplyPolicy(ctx context.Context, allow map[PolicyKey]PolicyValue, enforce map[EnforceKey]EnforceValue) (_ MapStats, err error) {
 	if len(allow) > MaxPolicyEntries {
 		return MapStats{}, fmt.Errorf("policy: %d entries, at most %d fit", len(allow), MaxPolicyEntries)
 	}
@@ -438,6 +465,7 @@ func (c *Classifier) ApplyPolicy(ctx context.Context, allow map[PolicyKey]Policy
 	}
 	st.add(dp.stats)
 	st.add(de.stats)
+	defer c.bumpEpochIfChanged(st, &err)
 	if err := c.policy.upsert(ctx, dp); err != nil {
 		return st, fmt.Errorf("update policy map: %w", err)
 	}
@@ -478,10 +506,56 @@ func (c *Classifier) SetStrict(strict bool) error {
 	if strict {
 		flags = configStrict
 	}
+	c.mapsMu.Lock()
+	defer c.mapsMu.Unlock()
+	var old uint32
+	if err := c.objs.Config.Lookup(configFlags, &old); err != nil {
+		return fmt.Errorf("read classifier strict mode: %w", err)
+	}
+	if old == flags {
+		return nil
+	}
 	if err := c.objs.Config.Update(configFlags, flags, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("set classifier strict mode: %w", err)
 	}
+	return c.bumpEpoch()
+}
+
+// bumpEpochIfChanged bumps the policy epoch when st counts a change, whether or not the apply
+// that made it went on to fail (*err): a partly written map is a change too. A failed bump
+// joins *err. Called with mapsMu held.
+func (c *Classifier) bumpEpochIfChanged(st MapStats, err *error) {
+	if st.Added+st.Updated+st.Removed == 0 {
+		return
+	}
+	if berr := c.bumpEpoch(); berr != nil {
+		*err = errors.Join(*err, berr)
+	}
+}
+
+// bumpEpoch advances config[CONFIG_EPOCH], after the maps changed: every tracked connection
+// is judged again at its next packet (docs/datapath.md, "Connections"). The programs read the
+// epoch before they judge, so a judgement that raced the change is recorded at the old epoch
+// and made again. Called with mapsMu held (the read-modify-write is not atomic).
+func (c *Classifier) bumpEpoch() error {
+	var epoch uint32
+	if err := c.objs.Config.Lookup(configEpoch, &epoch); err != nil {
+		return fmt.Errorf("read policy epoch: %w", err)
+	}
+	if err := c.objs.Config.Update(configEpoch, epoch+1, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("bump policy epoch: %w", err)
+	}
 	return nil
+}
+
+// Epoch returns the policy epoch: it changes whenever the classifier's maps or strict mode
+// change.
+func (c *Classifier) Epoch() (uint32, error) {
+	var epoch uint32
+	if err := c.objs.Config.Lookup(configEpoch, &epoch); err != nil {
+		return 0, fmt.Errorf("read policy epoch: %w", err)
+	}
+	return epoch, nil
 }
 
 // configStrict is CONFIG_STRICT of bpf/include/datapath.h.

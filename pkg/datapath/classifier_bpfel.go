@@ -13,6 +13,28 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type classifierCtEntry struct {
+	_           structs.HostLayout
+	Seen        uint64
+	Epoch       uint32
+	SrcIdentity uint32
+	DstIdentity uint32
+	SrcFlags    uint8
+	DstFlags    uint8
+	Reason      uint8
+	Flags       uint8
+}
+
+type classifierCtKey struct {
+	_     structs.HostLayout
+	AddrA [16]uint8
+	AddrB [16]uint8
+	PortA uint16
+	PortB uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
 type classifierEnforceKey struct {
 	_        structs.HostLayout
 	Identity uint32
@@ -71,6 +93,8 @@ type classifierPolicyVal struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	classifierMapConfig       = "config"
+	classifierMapConntrack    = "conntrack"
+	classifierMapCtStats      = "ct_stats"
 	classifierMapEnforce      = "enforce"
 	classifierMapFlowEvents   = "flow_events"
 	classifierMapFlowState    = "flow_state"
@@ -135,6 +159,8 @@ type classifierProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type classifierMapSpecs struct {
 	Config     *ebpf.MapSpec `ebpf:"config"`
+	Conntrack  *ebpf.MapSpec `ebpf:"conntrack"`
+	CtStats    *ebpf.MapSpec `ebpf:"ct_stats"`
 	Enforce    *ebpf.MapSpec `ebpf:"enforce"`
 	FlowEvents *ebpf.MapSpec `ebpf:"flow_events"`
 	FlowState  *ebpf.MapSpec `ebpf:"flow_state"`
@@ -171,6 +197,8 @@ func (o *classifierObjects) Close() error {
 // It can be passed to loadClassifierObjects or ebpf.CollectionSpec.LoadAndAssign.
 type classifierMaps struct {
 	Config     *ebpf.Map `ebpf:"config"`
+	Conntrack  *ebpf.Map `ebpf:"conntrack"`
+	CtStats    *ebpf.Map `ebpf:"ct_stats"`
 	Enforce    *ebpf.Map `ebpf:"enforce"`
 	FlowEvents *ebpf.Map `ebpf:"flow_events"`
 	FlowState  *ebpf.Map `ebpf:"flow_state"`
@@ -183,6 +211,8 @@ type classifierMaps struct {
 func (m *classifierMaps) Close() error {
 	return _ClassifierClose(
 		m.Config,
+		m.Conntrack,
+		m.CtStats,
 		m.Enforce,
 		m.FlowEvents,
 		m.FlowState,

@@ -120,7 +120,7 @@ func TestClassifierMatchesModel(t *testing.T) {
 // matchModel runs random packets through both programs, in random worlds, and fails t when a
 // counted reason differs from the model's or the verdict does not follow from it. after, if
 // not nil, is called after each run. It returns how many cases each reason had.
-func matchModel(t *testing.T, c *Classifier, worlds, packets int, after func(w int, m *model, fromPod bool, frame []byte, got Reason)) map[Reason]int {
+func matchModel(t *testing.T, c *Classifier, worlds, packets int, after func(w int, m *model, fromPod bool, frame []byte, res modelResult)) map[Reason]int {
 	t.Helper()
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(modelSeed, 1))
@@ -137,6 +137,9 @@ func matchModel(t *testing.T, c *Classifier, worlds, packets int, after func(w i
 		if err := c.SetStrict(m.strict); err != nil {
 			t.Fatal(err)
 		}
+		// Each world starts with an empty connection table; within it, packets are a
+		// sequence (from_pod's first packet enters a connection to_pod then finds).
+		c.clearConntrack(t)
 		for i := range packets {
 			frame := randomPacket(rng, addrs)
 			for _, fromPod := range []bool{true, false} {
@@ -148,7 +151,13 @@ func matchModel(t *testing.T, c *Classifier, worlds, packets int, after func(w i
 				if err != nil {
 					t.Fatalf("world %d packet %d: %v", w, i, err)
 				}
-				want := m.classify(fromPod, frame)
+				now, err := bootTime()
+				if err != nil {
+					t.Fatal(err)
+				}
+				m.now = now
+				res := m.classifyFull(fromPod, frame)
+				want := res.Reason
 				seen[want]++
 				if got != want {
 					pkt, _ := modelParse(frame)
@@ -159,7 +168,7 @@ func matchModel(t *testing.T, c *Classifier, worlds, packets int, after func(w i
 					t.Fatalf("world %d packet %d (from_pod=%v): verdict %d for reason %s", w, i, fromPod, verdict, got)
 				}
 				if after != nil {
-					after(w, m, fromPod, frame, got)
+					after(w, m, fromPod, frame, res)
 				}
 			}
 		}

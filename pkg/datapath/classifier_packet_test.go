@@ -3,6 +3,7 @@ package datapath
 import (
 	"encoding/binary"
 	"net/netip"
+	"time"
 )
 
 // This file builds test packets and holds a naive model of the classifier, written from
@@ -40,6 +41,16 @@ type testPacket struct {
 	// Proto is the L4 protocol (IPv6: the next header after the extension headers).
 	Proto uint8
 	Dport uint16
+	// Sport is the TCP or UDP source port; 0 means 40000.
+	Sport uint16
+	// TCPFlags are the TCP flags; 0 means SYN.
+	TCPFlags uint8
+	// ICMPType is the ICMP or ICMPv6 type; 0 means an echo request (ICMP 8, ICMPv6 128), so
+	// an ICMP echo reply (type 0) is asked for with ICMPEchoReply.
+	ICMPType      uint8
+	ICMPEchoReply bool
+	// ICMPID is the echo identifier (also the 4 bytes after the checksum of other types).
+	ICMPID uint16
 	// L4 replaces the generated L4 header and payload when non-nil.
 	L4 []byte
 	// IHL is the IPv4 header length in 32-bit words; 0 means 5 (options are zero).
@@ -59,26 +70,48 @@ func (p testPacket) l4() []byte {
 	if p.L4 != nil {
 		return p.L4
 	}
+	sport := p.Sport
+	if sport == 0 {
+		sport = 40000
+	}
 	switch p.Proto {
 	case protoTCP:
 		b := make([]byte, 20+8)
-		binary.BigEndian.PutUint16(b[0:], 40000)
+		binary.BigEndian.PutUint16(b[0:], sport)
 		binary.BigEndian.PutUint16(b[2:], p.Dport)
 		b[12] = 5 << 4
 		b[13] = 0x02 // SYN
+		if p.TCPFlags != 0 {
+			b[13] = p.TCPFlags
+		}
 		copy(b[20:], "meshcrpt")
 		return b
 	case protoUDP:
 		b := make([]byte, 8+8)
-		binary.BigEndian.PutUint16(b[0:], 40000)
+		binary.BigEndian.PutUint16(b[0:], sport)
 		binary.BigEndian.PutUint16(b[2:], p.Dport)
 		binary.BigEndian.PutUint16(b[4:], uint16(len(b)))
 		copy(b[8:], "meshcrpt")
 		return b
-	case protoICMP:
-		return []byte{8, 0, 0, 0, 0, 1, 0, 1, 'p', 'i', 'n', 'g'}
-	case protoICMPv6:
-		return []byte{128, 0, 0, 0, 0, 1, 0, 1, 'p', 'i', 'n', 'g'}
+	case protoICMP, protoICMPv6:
+		typ := p.ICMPType
+		switch {
+		case p.ICMPEchoReply && p.Proto == protoICMP:
+			typ = 0
+		case p.ICMPEchoReply:
+			typ = 129
+		case typ == 0 && p.Proto == protoICMP:
+			typ = 8
+		case typ == 0:
+			typ = 128
+		}
+		id := p.ICMPID
+		if id == 0 && p.ICMPType == 0 {
+			id = 1
+		}
+		b := []byte{typ, 0, 0, 0, 0, 0, 0, 1, 'p', 'i', 'n', 'g'}
+		binary.BigEndian.PutUint16(b[4:], id)
+		return b
 	}
 	return []byte("payload!")
 }
@@ -200,7 +233,13 @@ type modelPacket struct {
 	Src, Dst     netip.Addr
 	Proto        uint8
 	Sport, Dport uint16
-	TCPFlags     uint8 // flow events only
+	TCPFlags     uint8
+	Frag         bool // a non-first fragment: no L4 header
+	// ICMP and ICMPv6: the type, the echo identifier, and for errors the packet quoted
+	// (nil when it could not be parsed).
+	ICMPType uint8
+	ICMPID   uint16
+	Quoted   *modelPacket
 }
 
 type parseKind int
@@ -235,6 +274,7 @@ func modelParse(b []byte) (modelPacket, parseKind) {
 		p.Dst = netip.AddrFrom4([4]byte(ip[16:20]))
 		p.Proto = ip[9]
 		if binary.BigEndian.Uint16(ip[6:])&0x1fff != 0 {
+			p.Frag = true
 			return p, parsedIP // non-first fragment: no L4 header
 		}
 		l4 = 14 + hl
@@ -267,6 +307,7 @@ func modelParse(b []byte) (modelPacket, parseKind) {
 				off += 8
 				if fo != 0 {
 					p.Proto = nh
+					p.Frag = true
 					return p, parsedIP
 				}
 				continue
@@ -315,6 +356,8 @@ func modelParse(b []byte) (modelPacket, parseKind) {
 		if len(rest) < 8 {
 			return p, parsedMalformed
 		}
+		p.ICMPType, p.ICMPID = rest[0], binary.BigEndian.Uint16(rest[4:])
+		p.Quoted = quotedPacket(rest[8:], 4)
 	case protoICMPv6:
 		if len(rest) < 8 {
 			return p, parsedMalformed
@@ -322,17 +365,127 @@ func modelParse(b []byte) (modelPacket, parseKind) {
 		if rest[0] >= 133 && rest[0] <= 137 {
 			return p, parsedNonIP // neighbour discovery passes like ARP
 		}
+		p.ICMPType, p.ICMPID = rest[0], binary.BigEndian.Uint16(rest[4:])
+		p.Quoted = quotedPacket(rest[8:], 6)
 	}
 	return p, parsedIP
 }
 
-// model is the classifier's state as plain Go maps, decided naively.
+// quotedPacket parses the packet an ICMP error quotes (of the error's own IP version): its
+// IP header (IPv6: no extension headers) and the first 8 bytes of its TCP, UDP, ICMP or
+// ICMPv6 header; other protocols need no more than the IP header. nil when b is too short.
+func quotedPacket(b []byte, version int) *modelPacket {
+	var q modelPacket
+	var l4 []byte
+	if version == 4 {
+		if len(b) < 20 || b[0]>>4 != 4 || b[0]&0xf < 5 {
+			return nil
+		}
+		q.Src = netip.AddrFrom4([4]byte(b[12:16]))
+		q.Dst = netip.AddrFrom4([4]byte(b[16:20]))
+		q.Proto = b[9]
+		hl := int(b[0]&0xf) * 4
+		if len(b) >= hl {
+			l4 = b[hl:]
+		}
+	} else {
+		if len(b) < 40 || b[0]>>4 != 6 {
+			return nil
+		}
+		q.Src = netip.AddrFrom16([16]byte(b[8:24]))
+		q.Dst = netip.AddrFrom16([16]byte(b[24:40]))
+		q.Proto = b[6]
+		l4 = b[40:]
+	}
+	switch q.Proto {
+	case protoTCP, protoUDP:
+		if len(l4) < 4 {
+			return nil
+		}
+		q.Sport, q.Dport = binary.BigEndian.Uint16(l4[0:]), binary.BigEndian.Uint16(l4[2:])
+	case protoICMP, protoICMPv6:
+		if len(l4) < 8 {
+			return nil
+		}
+		q.ICMPType, q.ICMPID = l4[0], binary.BigEndian.Uint16(l4[4:])
+	}
+	return &q
+}
+
+// model is the classifier's state as plain Go maps, decided naively, with the connection
+// table of docs/datapath.md ("Connections") as a Go map of connections by their unordered
+// endpoints.
 type model struct {
 	ipcache map[netip.Prefix]IPCacheEntry
 	policy  map[PolicyKey]PolicyValue
 	enforce map[EnforceKey]EnforceValue
 	strict  bool // every packet to a remote pod needs a ready tunnel
+
+	conns map[modelEndpoints]*modelConn // nil until the first connection
+	epoch uint32                        // bumped by changed
+	now   time.Duration                 // CLOCK_BOOTTIME of the packet being classified
 }
+
+// modelEndpoint is one end of a connection.
+type modelEndpoint struct {
+	Addr netip.Addr
+	Port uint16
+}
+
+// modelEndpoints are a connection's two ends, in an order of the model's own.
+type modelEndpoints struct {
+	X, Y  modelEndpoint
+	Proto uint8
+}
+
+func endpointsOf(a, b modelEndpoint, proto uint8) modelEndpoints {
+	if c := a.Addr.Compare(b.Addr); c > 0 || c == 0 && a.Port > b.Port {
+		a, b = b, a
+	}
+	return modelEndpoints{a, b, proto}
+}
+
+// modelConn is a tracked connection.
+type modelConn struct {
+	Orig, Resp modelEndpoint // originator, responder
+	Src, Dst   IPCacheEntry  // their ipcache entries at the last judgement
+	Reason     Reason
+	FromPod    bool // judged as from_pod judges
+	Required   bool
+	Replied    bool
+	FinOrig    bool
+	FinReply   bool
+	RST        bool
+	Epoch      uint32
+	Seen       time.Duration
+	Proto      uint8
+}
+
+// Timeouts of docs/datapath.md.
+const (
+	ctTimeoutTCPSyn   = 60 * time.Second
+	ctTimeoutTCP      = 6 * time.Hour
+	ctTimeoutTCPClose = 10 * time.Second
+	ctTimeoutOther    = 60 * time.Second
+	ctRefresh         = time.Second
+)
+
+func (c *modelConn) closing() bool { return c.RST || c.FinOrig && c.FinReply }
+
+func (c *modelConn) timeout() time.Duration {
+	switch {
+	case c.Proto != protoTCP:
+		return ctTimeoutOther
+	case c.closing():
+		return ctTimeoutTCPClose
+	case !c.Replied:
+		return ctTimeoutTCPSyn
+	}
+	return ctTimeoutTCP
+}
+
+// changed is what the agent's writes do to the classifier: the epoch moves on.
+func (m *model) changed() { m.epoch++ }
 
 // lookup is a longest-prefix match by brute force; a miss is world.
 func (m *model) lookup(a netip.Addr) IPCacheEntry {
@@ -368,48 +521,230 @@ func (m *model) check(s, p uint32, proto uint8, dport uint16, dir Direction) (al
 	return false, 0
 }
 
-// decide returns the reason the classifier must count for a parsed packet.
-func (m *model) decide(fromPod bool, pkt modelPacket) Reason {
-	src, dst := m.lookup(pkt.Src), m.lookup(pkt.Dst)
-	if !fromPod {
-		ok, _ := m.check(dst.Identity, src.Identity, pkt.Proto, pkt.Dport, Ingress)
+// judge decides a connection src -> dst by policy: from_pod checks src's egress and dst's
+// ingress, to_pod dst's ingress. It says whether the connection must be encrypted.
+func (m *model) judge(fromPod bool, src, dst netip.Addr, proto uint8, dport uint16) (reason Reason, s, d IPCacheEntry, required bool) {
+	s, d = m.lookup(src), m.lookup(dst)
+	var fe, fi PolicyFlags
+	if fromPod {
+		ok, f := m.check(s.Identity, d.Identity, proto, dport, Egress)
 		if !ok {
-			return ReasonDeniedIngress
+			return ReasonDeniedEgress, s, d, false
 		}
-		if m.enforce[EnforceKey{dst.Identity, Ingress}].Flags&EnforceDeny != 0 {
-			return ReasonAllowed
+		fe = f
+	}
+	ok, fi := m.check(d.Identity, s.Identity, proto, dport, Ingress)
+	if !ok {
+		return ReasonDeniedIngress, s, d, false
+	}
+	es := m.enforce[EnforceKey{s.Identity, Egress}].Flags
+	ed := m.enforce[EnforceKey{d.Identity, Ingress}].Flags
+	required = m.strict || (fe|fi)&PolicyEncrypt != 0 || (es|ed)&EnforceEncrypt != 0
+	deny := ed & EnforceDeny
+	if fromPod {
+		deny |= es & EnforceDeny
+	}
+	if deny != 0 {
+		return ReasonAllowed, s, d, required
+	}
+	return ReasonAllowedNoPolicy, s, d, required
+}
+
+// unencrypted: a packet of a connection that must be encrypted, going to an endpoint with
+// ipcache entry to, would leave in clear.
+func unencrypted(required bool, to IPCacheEntry) bool {
+	return required && to.Flags&IPCacheLocalPod == 0 && to.Flags&IPCacheRemotePod != 0 &&
+		to.Flags&IPCacheTunnelReady == 0
+}
+
+// current judges c again when its epoch is old, as the program that entered it did. It
+// returns the reason; a denial leaves c as it was.
+func (m *model) current(c *modelConn) Reason {
+	if c.Epoch == m.epoch {
+		return c.Reason
+	}
+	dport := c.Resp.Port
+	if c.Proto != protoTCP && c.Proto != protoUDP {
+		dport = 0
+	}
+	r, s, d, req := m.judge(c.FromPod, c.Orig.Addr, c.Resp.Addr, c.Proto, dport)
+	if r.Dropped() {
+		return r
+	}
+	c.Reason, c.Src, c.Dst, c.Required = r, s, d, req
+	c.Epoch = m.epoch
+	return r
+}
+
+// ctClass is what the connection table does with a packet.
+type ctClass int
+
+const (
+	ctNone ctClass = iota
+	ctTrack
+	ctLookup
+	ctICMPError
+)
+
+// connOf returns the packet's connection ends and class.
+func connOf(pkt modelPacket, frag bool) (src, dst modelEndpoint, class ctClass) {
+	src, dst = modelEndpoint{Addr: pkt.Src}, modelEndpoint{Addr: pkt.Dst}
+	if frag {
+		return src, dst, ctNone
+	}
+	switch pkt.Proto {
+	case protoTCP, protoUDP:
+		src.Port, dst.Port = pkt.Sport, pkt.Dport
+		return src, dst, ctTrack
+	case protoICMP, protoICMPv6:
+		echo, reply, isErr := uint8(8), uint8(0), pkt.ICMPType == 3 || pkt.ICMPType == 11 || pkt.ICMPType == 12
+		if pkt.Proto == protoICMPv6 {
+			echo, reply, isErr = 128, 129, pkt.ICMPType >= 1 && pkt.ICMPType <= 4
 		}
-		return ReasonAllowedNoPolicy
+		switch {
+		case pkt.ICMPType == echo:
+			src.Port = pkt.ICMPID
+			return src, dst, ctTrack
+		case pkt.ICMPType == reply:
+			dst.Port = pkt.ICMPID
+			return src, dst, ctLookup
+		case isErr:
+			return src, dst, ctICMPError
+		}
+		return src, dst, ctNone
 	}
-	okE, fe := m.check(src.Identity, dst.Identity, pkt.Proto, pkt.Dport, Egress)
-	if !okE {
-		return ReasonDeniedEgress
+	return src, dst, ctTrack
+}
+
+// modelResult is what the model says of a packet.
+type modelResult struct {
+	Reason  Reason
+	Tracked bool // passed (or denied) as part of a known connection
+	Reply   bool // from the responder, or an ICMP error about the connection
+}
+
+// step classifies one parsed packet and updates the connection table.
+func (m *model) step(fromPod bool, pkt modelPacket, frag bool) modelResult {
+	src, dst, class := connOf(pkt, frag)
+	if class == ctICMPError {
+		if r, ok := m.related(fromPod, pkt); ok {
+			return r
+		}
+	} else if class != ctNone {
+		if c := m.conns[endpointsOf(src, dst, pkt.Proto)]; c != nil && m.now-c.Seen <= c.timeout() &&
+			!(pkt.Proto == protoTCP && pkt.TCPFlags&0x12 == 0x02 && c.closing()) {
+			fwd := src == c.Orig
+			r := m.current(c)
+			if r.Dropped() {
+				return modelResult{Reason: r, Tracked: true}
+			}
+			if !fwd {
+				c.Replied = true
+			}
+			if pkt.Proto == protoTCP {
+				if pkt.TCPFlags&0x01 != 0 {
+					if fwd {
+						c.FinOrig = true
+					} else {
+						c.FinReply = true
+					}
+				}
+				if pkt.TCPFlags&0x04 != 0 {
+					c.RST = true
+				}
+			}
+			if m.now-c.Seen > ctRefresh {
+				c.Seen = m.now
+			}
+			to := c.Dst
+			if !fwd {
+				to = c.Src
+			}
+			if fromPod && unencrypted(c.Required, to) {
+				r = ReasonDropNotEncrypted
+			}
+			return modelResult{Reason: r, Tracked: true, Reply: !fwd}
+		}
 	}
-	okI, fi := m.check(dst.Identity, src.Identity, pkt.Proto, pkt.Dport, Ingress)
-	if !okI {
-		return ReasonDeniedIngress
+	dport := pkt.Dport
+	if pkt.Proto != protoTCP && pkt.Proto != protoUDP {
+		dport = 0
 	}
-	es := m.enforce[EnforceKey{src.Identity, Egress}].Flags
-	ed := m.enforce[EnforceKey{dst.Identity, Ingress}].Flags
-	mustEncrypt := m.strict || (fe|fi)&PolicyEncrypt != 0 || (es|ed)&EnforceEncrypt != 0
-	if dst.Flags&IPCacheLocalPod == 0 && dst.Flags&IPCacheRemotePod != 0 && mustEncrypt &&
-		dst.Flags&IPCacheTunnelReady == 0 {
-		return ReasonDropNotEncrypted
+	r, s, d, req := m.judge(fromPod, pkt.Src, pkt.Dst, pkt.Proto, dport)
+	if !r.Dropped() && fromPod && unencrypted(req, d) {
+		r = ReasonDropNotEncrypted
 	}
-	if (es|ed)&EnforceDeny != 0 {
-		return ReasonAllowed
+	if !r.Dropped() && class == ctTrack {
+		if m.conns == nil {
+			m.conns = map[modelEndpoints]*modelConn{}
+		}
+		c := &modelConn{Orig: src, Resp: dst, Src: s, Dst: d, Reason: r, FromPod: fromPod,
+			Required: req, Epoch: m.epoch, Seen: m.now, Proto: pkt.Proto}
+		if pkt.Proto == protoTCP {
+			c.FinOrig = pkt.TCPFlags&0x01 != 0
+			c.RST = pkt.TCPFlags&0x04 != 0
+		}
+		m.conns[endpointsOf(src, dst, pkt.Proto)] = c
 	}
-	return ReasonAllowedNoPolicy
+	return modelResult{Reason: r}
+}
+
+// related passes an ICMP error that quotes a packet of a live connection policy still
+// allows, sent by the error's destination.
+func (m *model) related(fromPod bool, pkt modelPacket) (modelResult, bool) {
+	q := pkt.Quoted
+	if q == nil || q.Src != pkt.Dst {
+		return modelResult{}, false
+	}
+	src, dst := modelEndpoint{Addr: q.Src}, modelEndpoint{Addr: q.Dst}
+	switch q.Proto {
+	case protoTCP, protoUDP:
+		src.Port, dst.Port = q.Sport, q.Dport
+	case protoICMP, protoICMPv6:
+		echo, reply := uint8(8), uint8(0)
+		if q.Proto == protoICMPv6 {
+			echo, reply = 128, 129
+		}
+		switch q.ICMPType {
+		case echo:
+			src.Port = q.ICMPID
+		case reply:
+			dst.Port = q.ICMPID
+		default:
+			return modelResult{}, false
+		}
+	}
+	c := m.conns[endpointsOf(src, dst, q.Proto)]
+	if c == nil || m.now-c.Seen > c.timeout() {
+		return modelResult{}, false
+	}
+	r := m.current(c)
+	if r.Dropped() {
+		return modelResult{}, false
+	}
+	to := c.Src // the error goes to the quoted packet's sender
+	if src != c.Orig {
+		to = c.Dst
+	}
+	if fromPod && unencrypted(c.Required, to) {
+		r = ReasonDropNotEncrypted
+	}
+	return modelResult{Reason: r, Tracked: true, Reply: true}, true
 }
 
 // classify runs the whole model on a frame.
 func (m *model) classify(fromPod bool, frame []byte) Reason {
+	return m.classifyFull(fromPod, frame).Reason
+}
+
+// classifyFull runs the whole model on a frame and says how the connection table placed it.
+func (m *model) classifyFull(fromPod bool, frame []byte) modelResult {
 	pkt, kind := modelParse(frame)
 	switch kind {
 	case parsedNonIP:
-		return ReasonPassNonIP
+		return modelResult{Reason: ReasonPassNonIP}
 	case parsedMalformed:
-		return ReasonDropMalformed
+		return modelResult{Reason: ReasonDropMalformed}
 	}
-	return m.decide(fromPod, pkt)
+	return m.step(fromPod, pkt, pkt.Frag)
 }

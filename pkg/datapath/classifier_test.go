@@ -35,6 +35,27 @@ func newTestClassifier(t testing.TB, opts ClassifierOptions) *Classifier {
 	return c
 }
 
+// clearConntrack empties the connection table, so that the next packet of every
+// connection is a first packet.
+func (c *Classifier) clearConntrack(t testing.TB) {
+	t.Helper()
+	var k classifierCtKey
+	var keys []classifierCtKey
+	it := c.objs.Conntrack.Iterate()
+	var v classifierCtEntry
+	for it.Next(&k, &v) {
+		keys = append(keys, k)
+	}
+	if err := it.Err(); err != nil {
+		t.Fatalf("read connection table: %v", err)
+	}
+	for _, k := range keys {
+		if err := c.objs.Conntrack.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			t.Fatalf("empty connection table: %v", err)
+		}
+	}
+}
+
 // bpffsDir mounts a private bpffs for the test and returns a directory on it.
 func bpffsDir(t testing.TB) string {
 	t.Helper()
@@ -309,12 +330,14 @@ func TestClassifierVerdicts(t *testing.T) {
 	if _, err := c.ApplyIPCache(ctx, fixtureIPCache()); err != nil {
 		t.Fatal(err)
 	}
-	m := &model{ipcache: fixtureIPCache()}
 	for _, tt := range verdictCases() {
 		t.Run(tt.name, func(t *testing.T) {
 			if _, err := c.ApplyPolicy(ctx, tt.policy, tt.enforce); err != nil {
 				t.Fatal(err)
 			}
+			// Every case is a first packet.
+			c.clearConntrack(t)
+			m := &model{ipcache: fixtureIPCache()}
 			frame := tt.bytes()
 			prog := c.objs.FromPod
 			if tt.toPod {

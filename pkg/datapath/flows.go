@@ -69,6 +69,12 @@ type Flow struct {
 	// Sampled: an allowed packet the 1-in-N sampler picked; false for drops and TCP SYNs,
 	// which are always candidates.
 	Sampled bool
+	// Tracked: the connection table passed (or, when policy no longer allows the connection,
+	// denied) the packet as part of a known connection instead of judging it as a first packet.
+	Tracked bool
+	// Reply: Tracked, and the packet goes from the connection's responder to its originator,
+	// or is an ICMP error about the connection.
+	Reply bool
 	// Length is the packet's length, Ethernet header included.
 	Length uint32
 	// Ifindex is the interface the classifier ran on: the pod's host-side interface.
@@ -104,6 +110,7 @@ const (
 	configFlags      uint32 = 0
 	configFlowRate   uint32 = 1
 	configFlowSample uint32 = 2
+	configEpoch      uint32 = 3
 
 	flowStatSubmitted   uint32 = 0
 	flowStatLost        uint32 = 1
@@ -116,6 +123,8 @@ const (
 	flowRemote    = 1 << 1
 	flowEncrypted = 1 << 2
 	flowSampled   = 1 << 3
+	flowTracked   = 1 << 4
+	flowReply     = 1 << 5
 )
 
 // SetFlowEvents configures flow events. Turning them on (from Rate 0) resets every CPU's
@@ -292,6 +301,8 @@ func decodeFlow(b []byte, wall func(uint64) time.Time) (Flow, error) {
 		Remote:      e.Flags&flowRemote != 0,
 		Encrypted:   e.Flags&flowEncrypted != 0,
 		Sampled:     e.Flags&flowSampled != 0,
+		Tracked:     e.Flags&flowTracked != 0,
+		Reply:       e.Flags&flowReply != 0,
 		Length:      e.Len,
 		Ifindex:     int(e.Ifindex),
 	}

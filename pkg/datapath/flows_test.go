@@ -163,6 +163,7 @@ func TestFlowEvents(t *testing.T) {
 			if _, err := c.ApplyPolicy(ctx, tt.policy, tt.enforce); err != nil {
 				t.Fatal(err)
 			}
+			c.clearConntrack(t) // every case is a first packet
 			prog := c.objs.FromPod
 			if tt.toPod {
 				prog = c.objs.ToPod
@@ -405,11 +406,14 @@ func TestFlowRingFull(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Linux 6.1's BPF_PROG_TEST_RUN may run a program once more than asked (seen in the
-	// VM); every run must be counted, and every counted packet is an event candidate.
+	// A program may run more often than asked: cilium/ebpf runs BPF_PROG_TEST_RUN again when
+	// a signal interrupts it (the Go runtime's preemption signals do, under load: 9540 runs
+	// of 7280 were seen in the VM), and Linux 6.1 may run it once more. So the counters, not
+	// runs, say how many packets there were; every one must be counted, and every counted
+	// packet is an event candidate.
 	ran := cnt[ReasonDeniedEgress].Packets + cnt[ReasonAllowedNoPolicy].Packets
-	if cnt[ReasonDeniedEgress].Packets < uint64(runs) || cnt[ReasonAllowedNoPolicy].Packets < uint64(runs) || ran > uint64(2*runs+2) {
-		t.Errorf("counters %v: want %d of each", cnt, runs)
+	if cnt[ReasonDeniedEgress].Packets < uint64(runs) || cnt[ReasonAllowedNoPolicy].Packets < uint64(runs) {
+		t.Errorf("counters %v: want at least %d of each", cnt, runs)
 	}
 	st := flowStats(t, c)
 	t.Logf("ring of %d bytes: %+v", flowRingSize, st)
@@ -449,11 +453,12 @@ func TestFlowEventsMatchModel(t *testing.T) {
 	r := newFlowReader(t, c)
 	const worlds, packets = 40, 150
 	checked := 0
-	matchModel(t, c, worlds, packets, func(w int, m *model, fromPod bool, frame []byte, got Reason) {
+	matchModel(t, c, worlds, packets, func(w int, m *model, fromPod bool, frame []byte, res modelResult) {
+		got := res.Reason
 		if w >= worlds/2 || got == ReasonPassNonIP {
 			return // the second half fills the ring
 		}
-		want := m.flow(fromPod, frame, got)
+		want := m.flow(fromPod, frame, res)
 		f := readFlow(t, r)
 		if got == ReasonDropMalformed {
 			// What the parser got to before giving up is not part of the contract.
@@ -471,10 +476,12 @@ func TestFlowEventsMatchModel(t *testing.T) {
 	}
 }
 
-// flow is the event the model expects for a frame the classifier counted under reason.
-func (m *model) flow(fromPod bool, frame []byte, reason Reason) Flow {
+// flow is the event the model expects for a frame it classified as res.
+func (m *model) flow(fromPod bool, frame []byte, res modelResult) Flow {
+	reason := res.Reason
 	pkt, kind := modelParse(frame)
-	f := Flow{Direction: FromPod, Reason: reason, Proto: pkt.Proto, Length: uint32(len(frame))}
+	f := Flow{Direction: FromPod, Reason: reason, Proto: pkt.Proto, Length: uint32(len(frame)),
+		Tracked: res.Tracked, Reply: res.Reply}
 	if !fromPod {
 		f.Direction = ToPod
 	}

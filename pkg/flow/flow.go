@@ -68,6 +68,12 @@ type Flow struct {
 	// Sampled: an allowed packet the 1-in-N sampler picked (drops and TCP SYNs are not
 	// sampled: each is reported, up to the rate limit).
 	Sampled bool `json:"sampled,omitempty"`
+	// Connection is how the classifier placed the packet in its connection table:
+	// ConnectionNew (judged by policy as a connection's first packet, or a packet judged on
+	// its own), ConnectionEstablished (a later packet from the originator of an allowed
+	// connection) or ConnectionReply (from the responder, or an ICMP error about the
+	// connection).
+	Connection string `json:"connection,omitempty"`
 	// Protocol is TCP, UDP, ICMP, ICMPv6, SCTP or the protocol number.
 	Protocol string `json:"protocol"`
 	// TCPFlags are the TCP flags set, such as "SYN" or "ACK|PSH".
@@ -78,6 +84,13 @@ type Flow struct {
 	Source      Endpoint `json:"source"`
 	Destination Endpoint `json:"destination"`
 }
+
+// The values of Flow.Connection.
+const (
+	ConnectionNew         = "new"
+	ConnectionEstablished = "established"
+	ConnectionReply       = "reply"
+)
 
 // Endpoint is one end of a flow.
 type Endpoint struct {
@@ -190,6 +203,12 @@ func (r Record) Text() string {
 			b.WriteString(" " + f.TCPFlags)
 		}
 		fmt.Fprintf(&b, " %s %s", f.Verdict, f.Reason)
+		switch f.Connection {
+		case ConnectionReply:
+			b.WriteString(" (reply of an allowed connection)")
+		case ConnectionEstablished:
+			b.WriteString(" (established)")
+		}
 		if f.Encrypted {
 			b.WriteString(" encrypted=yes")
 		} else {

@@ -69,6 +69,12 @@ func TestText(t *testing.T) {
 	local.Time = r.Time
 	local.Flow.Remote, local.Flow.Reason = false, "allowed_no_policy"
 	local.Flow.Destination = Endpoint{Identity: 2, IP: netip.MustParseAddr("192.0.2.1")}
+	reply := testRecord(Allow)
+	reply.Time = r.Time
+	reply.Flow.Reason, reply.Flow.Connection, reply.Flow.Protocol, reply.Flow.TCPFlags = "allowed", ConnectionReply, "TCP", "SYN|ACK"
+	established := testRecord(Allow)
+	established.Time = r.Time
+	established.Flow.Reason, established.Flow.Connection = "allowed", ConnectionEstablished
 	malformed := Record{Time: r.Time, Node: "n2", Flow: &Flow{Direction: "to_pod", Verdict: Drop, Reason: "drop_malformed", Protocol: "0"}}
 	for _, tt := range []struct {
 		r    Record
@@ -77,6 +83,8 @@ func TestText(t *testing.T) {
 		{r, "05:06:07.890 n1 from_pod 10.244.1.5:40000 70000(default app=web) -> [fd00::7]:7100 70001(prod app=db tier=data) UDP drop denied_ingress encrypted=no cross-node"},
 		{allowed, "05:06:07.890 n1 from_pod 10.244.1.5:40000 70000(default app=web) -> [fd00::7]:7100 70001(prod app=db tier=data) TCP SYN allow allowed encrypted=yes cross-node"},
 		{local, "05:06:07.890 n1 from_pod 10.244.1.5:40000 70000(default app=web) -> 192.0.2.1 2(world) UDP allow allowed_no_policy encrypted=no"},
+		{reply, "05:06:07.890 n1 from_pod 10.244.1.5:40000 70000(default app=web) -> [fd00::7]:7100 70001(prod app=db tier=data) TCP SYN|ACK allow allowed (reply of an allowed connection) encrypted=no cross-node"},
+		{established, "05:06:07.890 n1 from_pod 10.244.1.5:40000 70000(default app=web) -> [fd00::7]:7100 70001(prod app=db tier=data) UDP allow allowed (established) encrypted=no cross-node"},
 		{malformed, "05:06:07.890 n2 to_pod ? ? -> ? ? 0 drop drop_malformed encrypted=no"},
 		{Record{Time: r.Time, Node: "n1", Lost: &Lost{Events: 12, Cause: LostRingFull}}, "05:06:07.890 n1 lost 12 events (ring_full)"},
 	} {

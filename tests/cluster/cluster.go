@@ -709,6 +709,8 @@ func (n *Node) StartAgent() error {
 		"--state-dir", n.StateDir,
 		"--wireguard-iface", n.Iface,
 		"--status-period", "1s",
+		// Many agents share this machine (and the VM's 512 MB): a small connection table.
+		"--conntrack-size", "16384",
 		"--bpf-pin-dir", n.c.bpfDir,
 		"--boot-id-file", n.BootIDPath,
 	}, n.c.identityArgs()...)
