@@ -56,6 +56,10 @@ type Options struct {
 	// UnderlayMTU is the underlay's MTU; 0 means 1500. Pods get the tunnel MTU the agent
 	// computes for it, as a CNI configured for meshcrypt would set.
 	UnderlayMTU int
+	// PodMTU overrides the pods' MTU; 0 means the tunnel MTU. A larger one makes pods send
+	// packets the tunnel cannot carry, so that path MTU discovery has to work (the node answers
+	// them with ICMP fragmentation needed / packet too big).
+	PodMTU int
 	// IPv4Only leaves IPv6 off; by default nodes and pods are dual stack.
 	IPv4Only bool
 	// AgentArgs are appended to every agent's command line.
@@ -297,8 +301,13 @@ func StartT(t testing.TB, opts Options) *Cluster {
 	return c
 }
 
-// PodMTU is the MTU pods get: the agent's tunnel MTU for the underlay.
-func (c *Cluster) PodMTU() int { return wireguard.TunnelMTU(c.opts.UnderlayMTU) }
+// PodMTU is the MTU pods get: Options.PodMTU, else the agent's tunnel MTU for the underlay.
+func (c *Cluster) PodMTU() int {
+	if c.opts.PodMTU != 0 {
+		return c.opts.PodMTU
+	}
+	return wireguard.TunnelMTU(c.opts.UnderlayMTU)
+}
 
 // Bin returns the path of one of the project's binaries.
 func (c *Cluster) Bin(name string) string { return filepath.Join(c.bins, name) }

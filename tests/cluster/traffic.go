@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -17,10 +18,11 @@ import (
 	"github.com/meshcrypt/meshcrypt/tests/netenv"
 )
 
-// Exchange sends payload from one pod to another over proto ("tcp" or "udp") and the
-// address family of dst, and waits until the receiver got it (TCP: and echoed it back). UDP
-// is resent every 200 ms until it arrives, since the first packets may be spent on a
-// handshake. It fails when nothing arrives within timeout.
+// Exchange sends payload from one pod to another over proto ("tcp", "udp" or "udp-echo")
+// and the address family of dst, and waits until the receiver got it (TCP and "udp-echo":
+// and echoed it back, so the reply crossed too: a request and its response, as applications
+// make them). UDP is resent every 200 ms until it arrives (or its echo does), since the first
+// packets may be spent on a handshake. It fails when nothing arrives within timeout.
 func Exchange(ctx context.Context, proto string, from *netenv.Pod, dst netip.Addr, to *netenv.Pod, port int, payload []byte, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -28,6 +30,8 @@ func Exchange(ctx context.Context, proto string, from *netenv.Pod, dst netip.Add
 	switch proto {
 	case "udp":
 		return exchangeUDP(ctx, from, to, addr, payload)
+	case "udp-echo":
+		return exchangeUDPEcho(ctx, from, to, addr, payload)
 	case "tcp":
 		return exchangeTCP(ctx, from, to, addr, payload)
 	}
@@ -72,6 +76,48 @@ func exchangeUDP(ctx context.Context, from, to *netenv.Pod, addr string, payload
 			}
 			return nil
 		case <-tick.C:
+		}
+	}
+}
+
+// exchangeUDPEcho is a UDP request/response: the receiver answers every datagram with the
+// same bytes, and the exchange is done when the sender reads the answer.
+func exchangeUDPEcho(ctx context.Context, from, to *netenv.Pod, addr string, payload []byte) error {
+	ln, err := to.NS.ListenUDP(addr)
+	if err != nil {
+		return fmt.Errorf("listen udp %s in %s: %w", addr, to.Name, err)
+	}
+	defer ln.Close()
+	go func() {
+		buf := make([]byte, 65536)
+		for ctx.Err() == nil {
+			_ = ln.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+			n, src, err := ln.ReadFromUDP(buf)
+			if err == nil && bytes.Equal(buf[:n], payload) {
+				_, _ = ln.WriteToUDP(buf[:n], src)
+			}
+		}
+	}()
+	conn, err := from.NS.DialUDP(addr)
+	if err != nil {
+		return fmt.Errorf("dial udp %s from %s: %w", addr, from.Name, err)
+	}
+	defer conn.Close()
+	buf := make([]byte, 65536)
+	for {
+		_, _ = conn.Write(payload)
+		_ = conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		n, err := conn.Read(buf)
+		if err == nil && bytes.Equal(buf[:n], payload) {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("udp %s -> %s (%s): no answer: %w", from.Name, to.Name, addr, ctx.Err())
+		}
+		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			// ECONNREFUSED from an ICMP port unreachable before the listener is up, or an
+			// answer dropped: ask again.
+			time.Sleep(50 * time.Millisecond)
 		}
 	}
 }

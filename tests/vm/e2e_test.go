@@ -34,6 +34,8 @@ var e2eInVM = []string{
 	"TestWireGuardKeyRotation", // kernel WireGuard's handshakes after a key change
 	"TestVerify",               // meshcrypt verify with kernel WireGuard and with IPsec
 	"TestNodeEncryption",       // host traffic through kernel WireGuard (fwmark, policy rule)
+	"TestPolicyConnections",    // connections and replies under policy, with WireGuard and IPsec (ESP)
+	"TestPolicyPathMTU",        // ICMP fragmentation needed through the kernel WireGuard device
 }
 
 // Time limits of TestE2EInVM. The e2e tests above take 1m45s to 2m30s in the VM under TCG
