@@ -287,7 +287,6 @@ func pingPong(t *testing.T, from, to *netenv.Pod, addr string) (*pingPongConn, f
 	return &pingPongConn{c: conn}, func() { conn.Close(); ln.Close() }
 }
 
-
 // TestPolicyPathMTU: path MTU discovery works under policy. Pods have an MTU of 1500, more
 // than the tunnel carries (1420), as with a CNI that does not lower it; a client under
 // default-deny in both directions sends full-size TCP segments (DF set) to a server on
