@@ -144,10 +144,10 @@ func testPolicyConnections(t *testing.T, mode v1alpha1.EncryptionMode) {
 	t.Run("a connection the other way is refused and counted", func(t *testing.T) {
 		before := reasonCount(t, c, "n2", reasonDeniedEgress)
 		for _, dst := range clientPod.Addrs() {
-			if err := exchange("tcp", remote, clientPod, dst, 8080, 3*time.Second); err == nil {
+			if err := exchange("tcp", remote, clientPod, dst, 8080, 1500*time.Millisecond); err == nil {
 				t.Errorf("server -> client (%s) TCP 8080 connected", dst)
 			}
-			if err := exchange("udp-echo", remote, clientPod, dst, 5353, 2*time.Second); err == nil {
+			if err := exchange("udp-echo", remote, clientPod, dst, 5353, time.Second); err == nil {
 				t.Errorf("server -> client (%s) UDP 5353 answered", dst)
 			}
 		}

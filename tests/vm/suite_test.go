@@ -26,7 +26,8 @@ var kernelSuite = []vm.Test{
 	{
 		Package: "pkg/datapath",
 		MustRun: []string{"TestRoutesApply", "TestPodLink", "TestClassifierVerdicts", "TestClassifierMatchesModel",
-			"TestClassifierAttach/tc", "TestClassifierSurvivesRestart/tc", "TestClassifierChains"},
+			"TestClassifierAttach/tc", "TestClassifierSurvivesRestart/tc", "TestClassifierChains",
+			"TestClassifierConnectionsMatchModel", "TestConntrackReplies", "TestConntrackFull", "TestConntrackSurvivesReload"},
 	},
 }
 
