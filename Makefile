@@ -48,7 +48,7 @@ test-harness: ## the network-namespace harness itself
 	$(GOTEST) -timeout 10m ./tests/netenv/ ./tests/cluster/
 
 test-e2e: ## end-to-end: agents on netns nodes, traffic with a marker, underlay capture
-	$(GOTEST) -timeout 15m -v ./tests/e2e/ 2>&1 | grep -Ev '^\s+cluster.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
+	$(GOTEST) -timeout 25m -v ./tests/e2e/ 2>&1 | grep -Ev '^\s+cluster.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
 
 test-vm: ## the kernel suite in a qemu VM (Debian cloud kernel 6.1: kernel WireGuard, ESP, legacy tc) and the e2e suites there (WireGuard, IPsec, policy, faults)
 	$(GOTEST) -timeout 30m -v ./tests/vm/ 2>&1 | grep -Ev '^\s+(cluster|harness)\.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
