@@ -42,28 +42,40 @@ func TestPolicyConnections(t *testing.T) {
 	})
 }
 
-func testPolicyConnections(t *testing.T, mode v1alpha1.EncryptionMode) {
+// clientServer is the cluster of the connection tests: a client pod on n1, a server on n2
+// and (with a local server) another on n1, encryption on in mode, then the MeshPolicies
+// "client" (default-deny both ways; egress to app=server on ports) and "server" (default-deny
+// both ways; ingress from app=client on ports), in force once the server can no longer reach
+// the client (which it could before them).
+type clientServer struct {
+	c                     *cluster.Cluster
+	n1, n2                *cluster.Node
+	client, remote, local *netenv.Pod
+	clientPol, serverPol  *v1alpha1.MeshPolicy
+}
+
+func startClientServer(t *testing.T, opts cluster.Options, mode v1alpha1.EncryptionMode, withLocal bool, ports []v1alpha1.PolicyPort) *clientServer {
+	t.Helper()
 	ctx := context.Background()
-	c := cluster.StartT(t, cluster.Options{Backend: string(wgBackend)})
-	n1, err := c.AddNode(ctx, "n1")
-	if err != nil {
+	cs := &clientServer{c: cluster.StartT(t, opts)}
+	c := cs.c
+	var err error
+	if cs.n1, err = c.AddNode(ctx, "n1"); err != nil {
 		t.Fatal(err)
 	}
-	n2, err := c.AddNode(ctx, "n2")
-	if err != nil {
+	if cs.n2, err = c.AddNode(ctx, "n2"); err != nil {
 		t.Fatal(err)
 	}
-	clientPod, err := c.AddPodLabels(ctx, n1, "client", map[string]string{"app": "client"})
-	if err != nil {
+	if cs.client, err = c.AddPodLabels(ctx, cs.n1, "client", map[string]string{"app": "client"}); err != nil {
 		t.Fatal(err)
 	}
-	remote, err := c.AddPodLabels(ctx, n2, "server", map[string]string{"app": "server"})
-	if err != nil {
+	if cs.remote, err = c.AddPodLabels(ctx, cs.n2, "server", map[string]string{"app": "server"}); err != nil {
 		t.Fatal(err)
 	}
-	local, err := c.AddPodLabels(ctx, n1, "server-local", map[string]string{"app": "server"})
-	if err != nil {
-		t.Fatal(err)
+	if withLocal {
+		if cs.local, err = c.AddPodLabels(ctx, cs.n1, "server-local", map[string]string{"app": "server"}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	switch mode {
 	case v1alpha1.ModeWireGuard:
@@ -75,46 +87,53 @@ func testPolicyConnections(t *testing.T, mode v1alpha1.EncryptionMode) {
 		setIPsec(ctx, t, c, false, 3*time.Second)
 		waitMeshNodes(ctx, t, c, "IPsec converged", 2*time.Minute, ipsecConverged(2, 1, 1))
 	}
-
-	sel := func(app string) *metav1.LabelSelector {
-		return &metav1.LabelSelector{MatchLabels: map[string]string{"app": app}}
-	}
-	ports := []v1alpha1.PolicyPort{
-		{Protocol: v1alpha1.ProtocolTCP, Port: ptr(int32(8080))},
-		{Protocol: v1alpha1.ProtocolUDP, Port: ptr(int32(5353))},
-	}
 	both := []v1alpha1.PolicyType{v1alpha1.PolicyTypeIngress, v1alpha1.PolicyTypeEgress}
-	clientPol := &v1alpha1.MeshPolicy{
+	cs.clientPol = &v1alpha1.MeshPolicy{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "client"},
 		Spec: v1alpha1.MeshPolicySpec{
-			EndpointSelector: *sel("client"), PolicyTypes: both,
-			Egress: []v1alpha1.PolicyRule{{Peers: []v1alpha1.PolicyPeer{{PodSelector: sel("server")}}, Ports: ports}},
+			EndpointSelector: *appSelector("client"), PolicyTypes: both,
+			Egress: []v1alpha1.PolicyRule{{Peers: []v1alpha1.PolicyPeer{{PodSelector: appSelector("server")}}, Ports: ports}},
 		},
 	}
-	serverPol := &v1alpha1.MeshPolicy{
+	cs.serverPol = &v1alpha1.MeshPolicy{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "server"},
 		Spec: v1alpha1.MeshPolicySpec{
-			EndpointSelector: *sel("server"), PolicyTypes: both,
-			Ingress: []v1alpha1.PolicyRule{{Peers: []v1alpha1.PolicyPeer{{PodSelector: sel("client")}}, Ports: ports}},
+			EndpointSelector: *appSelector("server"), PolicyTypes: both,
+			Ingress: []v1alpha1.PolicyRule{{Peers: []v1alpha1.PolicyPeer{{PodSelector: appSelector("client")}}, Ports: ports}},
 		},
 	}
 	// Before the policies the server reaches the client: the refusal below is theirs.
-	if err := cluster.Exchange(ctx, "udp", remote, clientPod.IPv4, clientPod, 5353, []byte("x"), 20*time.Second); err != nil {
+	if err := cluster.Exchange(ctx, "udp", cs.remote, cs.client.IPv4, cs.client, 5353, []byte("x"), 20*time.Second); err != nil {
 		t.Fatalf("no policy yet, but server -> client: %v", err)
 	}
-	for _, p := range []*v1alpha1.MeshPolicy{clientPol, serverPol} {
+	for _, p := range []*v1alpha1.MeshPolicy{cs.clientPol, cs.serverPol} {
 		if err := c.Client.Create(ctx, p); err != nil {
 			t.Fatal(err)
 		}
 	}
+	eventually(t, "policies applied: server -> client refused", func() bool {
+		return cluster.Exchange(ctx, "udp", cs.remote, cs.client.IPv4, cs.client, 5353, []byte("x"), 500*time.Millisecond) != nil
+	})
+	return cs
+}
+
+func appSelector(app string) *metav1.LabelSelector {
+	return &metav1.LabelSelector{MatchLabels: map[string]string{"app": app}}
+}
+
+func testPolicyConnections(t *testing.T, mode v1alpha1.EncryptionMode) {
+	ctx := context.Background()
+	ports := []v1alpha1.PolicyPort{
+		{Protocol: v1alpha1.ProtocolTCP, Port: ptr(int32(8080))},
+		{Protocol: v1alpha1.ProtocolUDP, Port: ptr(int32(5353))},
+	}
+	cs := startClientServer(t, cluster.Options{Backend: string(wgBackend)}, mode, true, ports)
+	c, n1, n2, clientPod, remote, local := cs.c, cs.n1, cs.n2, cs.client, cs.remote, cs.local
+	clientPol, serverPol, sel := cs.clientPol, cs.serverPol, appSelector
 	m := newMarker(t)
 	exchange := func(proto string, from, to *netenv.Pod, dst netip.Addr, port int, d time.Duration) error {
 		return cluster.Exchange(ctx, proto, from, dst, to, port, m, d)
 	}
-	// Both policies are in force once the server may no longer call the client.
-	eventually(t, "policies applied: server -> client refused", func() bool {
-		return exchange("udp", remote, clientPod, clientPod.IPv4, 5353, 500*time.Millisecond) != nil
-	})
 
 	t.Run("connections and their replies pass", func(t *testing.T) {
 		cp := capture(t, c, m)
@@ -340,50 +359,9 @@ func pingPong(t *testing.T, from, to *netenv.Pod, addr string) (*pingPongConn, f
 // ingress allows), the client lowers its path MTU, and the transfer completes.
 func TestPolicyPathMTU(t *testing.T) {
 	ctx := context.Background()
-	c := cluster.StartT(t, cluster.Options{Backend: string(wgBackend), PodMTU: 1500})
-	n1, err := c.AddNode(ctx, "n1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n2, err := c.AddNode(ctx, "n2")
-	if err != nil {
-		t.Fatal(err)
-	}
-	clientPod, err := c.AddPodLabels(ctx, n1, "client", map[string]string{"app": "client"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err := c.AddPodLabels(ctx, n2, "server", map[string]string{"app": "server"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if out, err := c.Run(ctx, "meshcrypt", "encryption", "enable", "--mode", "wireguard", "--wait", "--timeout", "1m"); err != nil {
-		t.Fatal(err, out)
-	}
-	sel := func(app string) *metav1.LabelSelector {
-		return &metav1.LabelSelector{MatchLabels: map[string]string{"app": app}}
-	}
-	both := []v1alpha1.PolicyType{v1alpha1.PolicyTypeIngress, v1alpha1.PolicyTypeEgress}
 	tcp := []v1alpha1.PolicyPort{{Protocol: v1alpha1.ProtocolTCP, Port: ptr(int32(8080))}}
-	// Before the policies the server reaches the client: the refusal below is theirs.
-	if err := cluster.Exchange(ctx, "udp", server, clientPod.IPv4, clientPod, 9, []byte("x"), 20*time.Second); err != nil {
-		t.Fatalf("no policy yet, but server -> client: %v", err)
-	}
-	for _, p := range []*v1alpha1.MeshPolicy{
-		{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "client"}, Spec: v1alpha1.MeshPolicySpec{
-			EndpointSelector: *sel("client"), PolicyTypes: both,
-			Egress: []v1alpha1.PolicyRule{{Peers: []v1alpha1.PolicyPeer{{PodSelector: sel("server")}}, Ports: tcp}}}},
-		{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "server"}, Spec: v1alpha1.MeshPolicySpec{
-			EndpointSelector: *sel("server"), PolicyTypes: both,
-			Ingress: []v1alpha1.PolicyRule{{Peers: []v1alpha1.PolicyPeer{{PodSelector: sel("client")}}, Ports: tcp}}}},
-	} {
-		if err := c.Client.Create(ctx, p); err != nil {
-			t.Fatal(err)
-		}
-	}
-	eventually(t, "policies applied: server -> client refused", func() bool {
-		return cluster.Exchange(ctx, "udp", server, clientPod.IPv4, clientPod, 9, []byte("x"), 500*time.Millisecond) != nil
-	})
+	cs := startClientServer(t, cluster.Options{Backend: string(wgBackend), PodMTU: 1500}, v1alpha1.ModeWireGuard, false, tcp)
+	c, clientPod, server := cs.c, cs.client, cs.remote
 	for _, dst := range server.Addrs() {
 		payload := bytes.Repeat([]byte("MESHCRYPT-PMTU-"), 20_000) // 300 kB in full-size segments
 		if err := cluster.Exchange(ctx, "tcp", clientPod, dst, server, 8080, payload, 30*time.Second); err != nil {
