@@ -54,8 +54,8 @@ type policyPlan struct {
 	hostAddrs []netip.Addr
 	cidrs     map[netip.Prefix]uint32
 	allow     map[datapath.PolicyKey]datapath.PolicyValue
-	enforce  map[datapath.EnforceKey]datapath.EnforceValue
-	stats    string
+	enforce   map[datapath.EnforceKey]datapath.EnforceValue
+	stats     string
 }
 
 // planPolicy gives every pod its identity (allocating new ones), compiles the policies over
