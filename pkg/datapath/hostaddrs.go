@@ -12,7 +12,9 @@ import (
 // the source of the node's own traffic to a pod: every unicast address of every interface
 // (the underlay, and CNI gateways such as a bridge's address or a ptp host veth's address,
 // which lie inside the node's own pod CIDR), except loopback and IPv6 link-local addresses,
-// which never reach a pod. Sorted, each once. The agent maps them to the identity host.
+// which never reach a pod, and the Service addresses kube-proxy's IPVS mode puts on its dummy
+// interface kube-ipvs0 (they are Services, not the node). Sorted, each once. The agent maps
+// them to the identity host.
 func HostAddrs(h *netlink.Handle) ([]netip.Addr, error) {
 	var addrs []netlink.Addr
 	err := retryDump(func() error {
@@ -23,14 +25,23 @@ func HostAddrs(h *netlink.Handle) ([]netip.Addr, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list host addresses: %w", err)
 	}
-	return hostAddrs(addrs), nil
+	skip := map[int]bool{}
+	if l, err := h.LinkByName(ipvsDevice); err == nil {
+		skip[l.Attrs().Index] = true
+	} else if _, ok := err.(netlink.LinkNotFoundError); !ok {
+		return nil, fmt.Errorf("look up %s: %w", ipvsDevice, err)
+	}
+	return hostAddrs(addrs, skip), nil
 }
 
-// hostAddrs is HostAddrs' filter.
-func hostAddrs(addrs []netlink.Addr) []netip.Addr {
+// ipvsDevice is kube-proxy's IPVS mode dummy interface, which holds every Service address.
+const ipvsDevice = "kube-ipvs0"
+
+// hostAddrs is HostAddrs' filter; addresses on the interfaces in skip (by index) are left out.
+func hostAddrs(addrs []netlink.Addr, skip map[int]bool) []netip.Addr {
 	var out []netip.Addr
 	for _, a := range addrs {
-		if a.IPNet == nil {
+		if a.IPNet == nil || skip[a.LinkIndex] {
 			continue
 		}
 		ip, ok := netip.AddrFromSlice(a.IP)

@@ -27,6 +27,11 @@ func TestHostAddrsFilter(t *testing.T) {
 	}{
 		{"none", nil, nil},
 		{
+			name: "kube-ipvs0's Service addresses left out",
+			in:   []netlink.Addr{addr("10.77.0.11/24"), func() netlink.Addr { a := addr("10.96.0.10/32"); a.LinkIndex = 9; return a }()},
+			want: []netip.Addr{netip.MustParseAddr("10.77.0.11")},
+		},
+		{
 			name: "underlay, bridge gateway, IPv6; loopback, link-local and duplicates left out",
 			in: []netlink.Addr{
 				addr("10.77.0.11/24"), addr("127.0.0.1/8"), addr("::1/128"), addr("fe80::1/64"),
@@ -37,7 +42,7 @@ func TestHostAddrsFilter(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if d := cmp.Diff(tt.want, hostAddrs(tt.in), cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); d != "" {
+			if d := cmp.Diff(tt.want, hostAddrs(tt.in, map[int]bool{9: true}), cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); d != "" {
 				t.Errorf("(-want +got):\n%s", d)
 			}
 		})
@@ -45,7 +50,8 @@ func TestHostAddrsFilter(t *testing.T) {
 }
 
 // TestHostAddrs reads a namespace's addresses: the uplink's and a CNI bridge's (not the
-// loopback's, nor the IPv6 link-local ones the kernel gives every interface).
+// loopback's, nor the IPv6 link-local ones the kernel gives every interface, nor the Service
+// addresses on kube-ipvs0).
 func TestHostAddrs(t *testing.T) {
 	_, h := testutil.NewNetNS(t)
 	for _, l := range []struct {
@@ -54,6 +60,7 @@ func TestHostAddrs(t *testing.T) {
 	}{
 		{&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: "eth0peer"}, "10.77.0.11/24"},
 		{&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "cni0"}}, "10.244.1.1/24"},
+		{&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "kube-ipvs0"}, PeerName: "ipvspeer"}, "10.96.0.10/32"}, // a Service's
 	} {
 		if err := h.LinkAdd(l.link); err != nil {
 			t.Fatal(err)
