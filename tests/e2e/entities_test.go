@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"strconv"
 	"testing"
 	"time"
@@ -124,22 +125,29 @@ func TestPolicyEntities(t *testing.T) {
 	if err := c.SetMode(ctx, v1alpha1.ModeDisabled); err != nil {
 		t.Fatal(err)
 	}
-	// Two addresses outside the cluster, on the underlay switch: neither a node nor a pod.
+	// Per address family, two hosts outside the cluster on the underlay switch (neither a
+	// node nor a pod): one inside an ipBlock, one its exception.
 	sw := c.Net.Switch()
-	base := c.Net.Options().UnderlayV4.Addr().As4()
-	extAllowed := netip.AddrFrom4([4]byte{base[0], base[1], base[2], 200})
-	extExcept := netip.AddrFrom4([4]byte{base[0], base[1], base[2], 201})
-	extBlock := netip.PrefixFrom(extAllowed, 29)
-	if err := addExternal(sw, n1, c.Net.Options().UnderlayV4.Bits(), extAllowed, extExcept); err != nil {
+	fams := []outsiders{newOutsiders(c.Net.Options().UnderlayV4, web.IPv4)}
+	if web.IPv6.IsValid() && c.Net.Options().UnderlayV6.IsValid() {
+		fams = append(fams, newOutsiders(c.Net.Options().UnderlayV6, web.IPv6))
+	}
+	if err := addExternal(sw, n1, fams); err != nil {
 		t.Fatal(err)
+	}
+	extAllowed := fams[0].allowed
+	for _, f := range fams {
+		t.Logf("outsiders: %s inside ipBlock %s, %s its exception", f.allowed, f.block, f.except)
 	}
 	m := newMarker(t)
 	if err := tcpRoundTrip(n1.NS, netip.Addr{}, web.NS, web.IPv4, 7200, m, 10*time.Second); err != nil {
 		t.Fatalf("no policy yet: node -> web: %v", err)
 	}
-	for _, src := range []netip.Addr{extAllowed, extExcept} {
-		if err := tcpRoundTrip(sw, src, web.NS, web.IPv4, 7200, m, 10*time.Second); err != nil {
-			t.Fatalf("no policy yet: %s -> web: %v", src, err)
+	for _, f := range fams {
+		for _, src := range []netip.Addr{f.allowed, f.except} {
+			if err := tcpRoundTrip(sw, src, web.NS, f.pod, 7200, m, 10*time.Second); err != nil {
+				t.Fatalf("no policy yet: %s -> web: %v", src, err)
+			}
 		}
 	}
 
@@ -219,14 +227,20 @@ func TestPolicyEntities(t *testing.T) {
 		eventually(t, "switch on again: the probe passes", func() bool { return run(probes[0]) == nil })
 	})
 
+	// blocks are the ipBlock peers of the outsiders, IPv4 and IPv6.
+	var blocks []v1alpha1.PolicyPeer
+	for _, f := range fams {
+		blocks = append(blocks, v1alpha1.PolicyPeer{IPBlock: &v1alpha1.IPBlock{
+			CIDR: f.block.String(), Except: []string{netip.PrefixFrom(f.except, f.except.BitLen()).String()},
+		}})
+	}
+
 	t.Run("ipBlock with an exception, ingress", func(t *testing.T) {
 		allow := &v1alpha1.MeshPolicy{
 			ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "web-from-outside"},
 			Spec: v1alpha1.MeshPolicySpec{
 				EndpointSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}},
-				Ingress: []v1alpha1.PolicyRule{{Peers: []v1alpha1.PolicyPeer{{IPBlock: &v1alpha1.IPBlock{
-					CIDR: extBlock.String(), Except: []string{netip.PrefixFrom(extExcept, 32).String()},
-				}}}}},
+				Ingress:          []v1alpha1.PolicyRule{{Peers: blocks}},
 			},
 		}
 		if err := c.Client.Create(ctx, allow); err != nil {
@@ -235,30 +249,30 @@ func TestPolicyEntities(t *testing.T) {
 		eventually(t, "ipBlock: "+extAllowed.String()+" -> web allowed", func() bool {
 			return tcpRoundTrip(sw, extAllowed, web.NS, web.IPv4, 7203, m, time.Second) == nil
 		})
-		before := reasonCount(t, c, "n1", reasonDeniedIngress)
-		if err := tcpRoundTrip(sw, extExcept, web.NS, web.IPv4, 7203, m, 2*time.Second); err == nil {
-			t.Errorf("%s is the block's exception, but reached web", extExcept)
-		}
-		if d := reasonCount(t, c, "n1", reasonDeniedIngress) - before; d == 0 {
-			t.Error("the exception's packets were not counted as denied_ingress")
-		}
-		if err := tcpRoundTrip(sw, extAllowed, web.NS, web.IPv4, 7203, m, 2*time.Second); err != nil {
-			t.Errorf("%s -> web after the exception's attempt: %v", extAllowed, err)
+		for _, f := range fams {
+			before := reasonCount(t, c, "n1", reasonDeniedIngress)
+			if err := tcpRoundTrip(sw, f.except, web.NS, f.pod, 7203, m, 2*time.Second); err == nil {
+				t.Errorf("%s is the block's exception, but reached web", f.except)
+			}
+			if d := reasonCount(t, c, "n1", reasonDeniedIngress) - before; d == 0 {
+				t.Errorf("%s: the exception's packets were not counted as denied_ingress", f.except)
+			}
+			if err := tcpRoundTrip(sw, f.allowed, web.NS, f.pod, 7203, m, 2*time.Second); err != nil {
+				t.Errorf("%s -> web (inside the block): %v", f.allowed, err)
+			}
 		}
 	})
 
 	t.Run("ipBlock with an exception, egress", func(t *testing.T) {
-		// Default-deny egress on web, allowing the block: web's connections to the allowed
-		// outsider go out (the response comes back in through the ingress ipBlock rule of
-		// the test above); to the exception they are dropped before they leave the node.
+		// Default-deny egress on web, allowing the blocks: web's connections to the allowed
+		// outsiders go out (the responses come back in through the ingress ipBlock rule of
+		// the test above); to the exceptions they are dropped before they leave the node.
 		out := &v1alpha1.MeshPolicy{
 			ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "web-to-outside"},
 			Spec: v1alpha1.MeshPolicySpec{
 				EndpointSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}},
 				PolicyTypes:      []v1alpha1.PolicyType{v1alpha1.PolicyTypeEgress},
-				Egress: []v1alpha1.PolicyRule{{Peers: []v1alpha1.PolicyPeer{{IPBlock: &v1alpha1.IPBlock{
-					CIDR: extBlock.String(), Except: []string{netip.PrefixFrom(extExcept, 32).String()},
-				}}}}},
+				Egress:           []v1alpha1.PolicyRule{{Peers: blocks}},
 			},
 		}
 		if err := c.Client.Create(ctx, out); err != nil {
@@ -269,22 +283,46 @@ func TestPolicyEntities(t *testing.T) {
 		eventually(t, "default-deny egress on web", func() bool {
 			return tcpRoundTrip(web.NS, netip.Addr{}, n1.NS, n1.UnderlayV4, 7204, m, time.Second) != nil
 		})
-		if err := tcpRoundTrip(web.NS, netip.Addr{}, sw, extAllowed, 7205, m, 5*time.Second); err != nil {
-			t.Errorf("web -> %s (inside the block): %v", extAllowed, err)
-		}
-		before := reasonCount(t, c, "n1", reasonDeniedEgress)
-		if err := tcpRoundTrip(web.NS, netip.Addr{}, sw, extExcept, 7205, m, 2*time.Second); err == nil {
-			t.Errorf("web -> %s (the exception) passed", extExcept)
-		}
-		if d := reasonCount(t, c, "n1", reasonDeniedEgress) - before; d == 0 {
-			t.Error("the exception's packets were not counted as denied_egress")
+		for _, f := range fams {
+			if err := tcpRoundTrip(web.NS, netip.Addr{}, sw, f.allowed, 7205, m, 5*time.Second); err != nil {
+				t.Errorf("web -> %s (inside the block): %v", f.allowed, err)
+			}
+			before := reasonCount(t, c, "n1", reasonDeniedEgress)
+			if err := tcpRoundTrip(web.NS, netip.Addr{}, sw, f.except, 7205, m, 2*time.Second); err == nil {
+				t.Errorf("web -> %s (the exception) passed", f.except)
+			}
+			if d := reasonCount(t, c, "n1", reasonDeniedEgress) - before; d == 0 {
+				t.Errorf("web -> %s: the exception's packets were not counted as denied_egress", f.except)
+			}
 		}
 	})
 }
 
-// addExternal gives the underlay switch the addresses addrs (hosts outside the cluster) and a
-// route to n's pod CIDRs through n.
-func addExternal(sw *netenv.NS, n *cluster.Node, bits int, addrs ...netip.Addr) error {
+// outsiders are two hosts outside the cluster in one address family, on the underlay
+// subnet: allowed lies in block, except is block's exception; pod is web's address of the
+// family.
+type outsiders struct {
+	subnet          netip.Prefix
+	allowed, except netip.Addr
+	block           netip.Prefix
+	pod             netip.Addr
+}
+
+// newOutsiders picks hosts 0xc8 and 0xc9 of the underlay subnet (no node uses them) and the
+// /29 or /125 block around them.
+func newOutsiders(subnet netip.Prefix, pod netip.Addr) outsiders {
+	a := subnet.Addr().AsSlice()
+	a[len(a)-1] = 0xc8
+	allowed, _ := netip.AddrFromSlice(a)
+	a[len(a)-1] = 0xc9
+	except, _ := netip.AddrFromSlice(a)
+	block, _ := allowed.Prefix(allowed.BitLen() - 3)
+	return outsiders{subnet: subnet, allowed: allowed, except: except, block: block, pod: pod}
+}
+
+// addExternal puts the outsiders' addresses on the underlay switch's bridge and routes n's
+// pod CIDRs through n there.
+func addExternal(sw *netenv.NS, n *cluster.Node, fams []outsiders) error {
 	h, err := sw.Handle()
 	if err != nil {
 		return err
@@ -294,18 +332,37 @@ func addExternal(sw *netenv.NS, n *cluster.Node, bits int, addrs ...netip.Addr) 
 	if err != nil {
 		return fmt.Errorf("switch bridge: %w", err)
 	}
-	for _, a := range addrs {
-		if err := h.AddrAdd(br, &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(bits, 32)}}); err != nil && !errors.Is(err, unix.EEXIST) {
-			return fmt.Errorf("add %s to the switch: %w", a, err)
-		}
+	ipnet := func(p netip.Prefix) *net.IPNet {
+		return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 	}
-	for _, p := range n.PodCIDRs {
-		if !p.Addr().Is4() {
-			continue
+	for _, f := range fams {
+		if f.allowed.Is6() {
+			// The switch's bridge has IPv6 off (it only switches); the outsiders need it.
+			err := sw.Do(func() error {
+				return os.WriteFile("/proc/sys/net/ipv6/conf/"+netenv.BridgeName+"/disable_ipv6", []byte("0"), 0o644)
+			})
+			if err != nil {
+				return fmt.Errorf("enable IPv6 on the switch's bridge: %w", err)
+			}
 		}
-		r := &netlink.Route{Dst: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), 32)}, Gw: n.UnderlayV4.AsSlice(), LinkIndex: br.Attrs().Index}
-		if err := h.RouteReplace(r); err != nil {
-			return fmt.Errorf("route %s via %s on the switch: %w", p, n.UnderlayV4, err)
+		for _, a := range []netip.Addr{f.allowed, f.except} {
+			addr := &netlink.Addr{IPNet: ipnet(netip.PrefixFrom(a, f.subnet.Bits())), Flags: unix.IFA_F_NODAD}
+			if err := h.AddrAdd(br, addr); err != nil && !errors.Is(err, unix.EEXIST) {
+				return fmt.Errorf("add %s to the switch: %w", a, err)
+			}
+		}
+		gw := n.UnderlayV4
+		if f.allowed.Is6() {
+			gw = n.UnderlayV6
+		}
+		for _, p := range n.PodCIDRs {
+			if p.Addr().Is4() != f.allowed.Is4() {
+				continue
+			}
+			r := &netlink.Route{Dst: ipnet(p), Gw: gw.AsSlice(), LinkIndex: br.Attrs().Index}
+			if err := h.RouteReplace(r); err != nil {
+				return fmt.Errorf("route %s via %s on the switch: %w", p, gw, err)
+			}
 		}
 	}
 	return nil
