@@ -39,8 +39,8 @@ const (
 )
 
 // MinCIDR is the first CIDR identity. The policy compiler numbers the CIDRs that policies
-// name (ipBlock) from here up, node-locally and never stored in the API. It lies above every
-// clusterID<<16 | local (at most 0xFFFFFF), so the two ranges never meet.
+// name (ipBlock) from here to the largest uint32, node-locally and never stored in the API.
+// It lies above every clusterID<<16 | local (at most 0xFFFFFF), so the two ranges never meet.
 const MinCIDR Identity = 1 << 24
 
 // IsCIDR reports whether the identity stands for a CIDR a policy names (see [MinCIDR]).

@@ -3,6 +3,7 @@ package policy
 import (
 	"cmp"
 	"fmt"
+	"hash/fnv"
 	"net/netip"
 	"slices"
 
@@ -80,8 +81,15 @@ func comparePrefix(a, b netip.Prefix) int {
 	return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
 }
 
-// cidrIdentities numbers the distinct prefixes from identity.MinCIDR up in prefix order, so the
-// numbering depends only on the set of prefixes the policies name.
+// cidrSpace is the number of CIDR identities: identity.MinCIDR up to the largest uint32.
+const cidrSpace = 1<<32 - uint64(identity.MinCIDR)
+
+// cidrIdentities gives each distinct prefix its CIDR identity: a hash of the prefix into
+// identity.MinCIDR and up, probing upwards on a collision, prefixes taken in prefix order. The
+// number depends on the set of prefixes only, and a prefix keeps its number when other
+// prefixes come and go (unless they collide with it, a chance of about n/4e9 for n prefixes):
+// a policy change elsewhere does not renumber a block, so its ipcache entry and its allow
+// entries do not change under traffic, and the CLI computes the numbers the agents use.
 func cidrIdentities(prefixes map[netip.Prefix]bool) map[netip.Prefix]uint32 {
 	sorted := make([]netip.Prefix, 0, len(prefixes))
 	for p := range prefixes {
@@ -89,10 +97,29 @@ func cidrIdentities(prefixes map[netip.Prefix]bool) map[netip.Prefix]uint32 {
 	}
 	slices.SortFunc(sorted, comparePrefix)
 	out := make(map[netip.Prefix]uint32, len(sorted))
-	for i, p := range sorted {
-		out[p] = uint32(identity.MinCIDR) + uint32(i)
+	used := make(map[uint32]bool, len(sorted))
+	for _, p := range sorted {
+		h := fnv.New64a()
+		a := p.Addr().As16()
+		h.Write(a[:])
+		h.Write([]byte{byte(p.Bits()), b2u(p.Addr().Is4())})
+		n := h.Sum64() % cidrSpace
+		id := uint32(uint64(identity.MinCIDR) + n)
+		for used[id] {
+			n = (n + 1) % cidrSpace
+			id = uint32(uint64(identity.MinCIDR) + n)
+		}
+		used[id] = true
+		out[p] = id
 	}
 	return out
+}
+
+func b2u(b bool) byte {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // Lookup is the ipcache's view of the CIDR identities alone: the identity of the longest

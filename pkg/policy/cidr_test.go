@@ -17,7 +17,6 @@ const (
 	idHost       = uint32(identity.Host)
 	idWorld      = uint32(identity.World)
 	idRemoteNode = uint32(identity.RemoteNode)
-	idCIDR       = uint32(identity.MinCIDR)
 )
 
 // Identities of cluster 1 (and one of cluster 2) for the entity tests.
@@ -46,44 +45,63 @@ func dbIngress(name string, peers ...v1alpha1.PolicyPeer) v1alpha1.MeshPolicy {
 	})
 }
 
-// peersOf lists the peers db's ingress allows, on any port.
-func peersOf(r Result) []uint32 {
-	var out []uint32
+// peersOf lists the peers db's ingress allows, on any port: identities, and the prefixes of
+// the CIDR identities.
+func peersOf(r Result) ([]uint32, []netip.Prefix) {
+	prefixOf := map[uint32]netip.Prefix{}
+	for p, id := range r.CIDRs {
+		prefixOf[id] = p
+	}
+	var ids []uint32
+	var blocks []netip.Prefix
 	for k := range r.Allow {
-		if k.Subject == c1db.ID && k.Dir == Ingress {
-			out = append(out, k.Peer)
+		if k.Subject != c1db.ID || k.Dir != Ingress {
+			continue
+		}
+		if p, ok := prefixOf[k.Peer]; ok {
+			blocks = append(blocks, p)
+		} else {
+			ids = append(ids, k.Peer)
 		}
 	}
-	slices.Sort(out)
+	slices.Sort(ids)
+	slices.SortFunc(blocks, comparePrefix)
+	return ids, blocks
+}
+
+// prefixes parses prefixes, in prefix order.
+func prefixes(ss ...string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, s := range ss {
+		out = append(out, netip.MustParsePrefix(s))
+	}
+	slices.SortFunc(out, comparePrefix)
 	return out
 }
 
 func TestCompileEntitiesAndBlocks(t *testing.T) {
-	p := netip.MustParsePrefix
 	tests := []struct {
-		name      string
-		pols      []v1alpha1.MeshPolicy
-		hostAllow bool
-		wantPeers []uint32
-		wantCIDRs map[netip.Prefix]uint32
+		name       string
+		pols       []v1alpha1.MeshPolicy
+		hostAllow  bool
+		wantPeers  []uint32       // identities other than CIDR ones
+		wantBlocks []netip.Prefix // the prefixes of the CIDR identities among the peers
+		wantCIDRs  []netip.Prefix // the prefixes given CIDR identities
 	}{
 		{
 			name:      "host and remote-node are the reserved identities",
 			pols:      []v1alpha1.MeshPolicy{dbIngress("a", entities(v1alpha1.EntityHost, v1alpha1.EntityRemoteNode))},
 			wantPeers: []uint32{idHost, idRemoteNode},
-			wantCIDRs: map[netip.Prefix]uint32{},
 		},
 		{
 			name:      "cluster is every pod identity of this cluster, not another cluster's, not reserved ones",
 			pols:      []v1alpha1.MeshPolicy{dbIngress("a", entities(v1alpha1.EntityCluster))},
 			wantPeers: []uint32{c1web.ID, c1db.ID, c1dev.ID},
-			wantCIDRs: map[netip.Prefix]uint32{},
 		},
 		{
 			name:      "all is any peer",
 			pols:      []v1alpha1.MeshPolicy{dbIngress("a", entities(v1alpha1.EntityAll), entities(v1alpha1.EntityHost))},
 			wantPeers: []uint32{0},
-			wantCIDRs: map[netip.Prefix]uint32{},
 		},
 		{
 			name: "an ipBlock covers its own identity and the more specific prefixes other policies name, not its exceptions",
@@ -93,18 +111,14 @@ func TestCompileEntitiesAndBlocks(t *testing.T) {
 				dbIngress("c", ipBlock("10.200.0.0/16")),         // inside a's block: a covers it too
 				dbIngress("d", ipBlock("fd00::/8", "fd00::/16")), // IPv6
 			},
-			// Sorted: 10.0.0.0/8, 10.1.0.0/16, 10.1.2.0/24, 10.200.0.0/16, fd00::/8, fd00::/16.
-			wantCIDRs: map[netip.Prefix]uint32{
-				p("10.0.0.0/8"): idCIDR, p("10.1.0.0/16"): idCIDR + 1, p("10.1.2.0/24"): idCIDR + 2,
-				p("10.200.0.0/16"): idCIDR + 3, p("fd00::/8"): idCIDR + 4, p("fd00::/16"): idCIDR + 5,
-			},
-			wantPeers: []uint32{idCIDR, idCIDR + 2, idCIDR + 3, idCIDR + 4},
+			wantCIDRs:  prefixes("10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.200.0.0/16", "fd00::/8", "fd00::/16"),
+			wantBlocks: prefixes("10.0.0.0/8", "10.1.2.0/24", "10.200.0.0/16", "fd00::/8"),
 		},
 		{
-			name:      "an IPv4-mapped IPv6 block is the IPv4 block; an IPv6 block never covers IPv4",
-			pols:      []v1alpha1.MeshPolicy{dbIngress("a", ipBlock("::ffff:10.0.0.0/104")), dbIngress("b", ipBlock("10.0.0.0/8")), pol("prod", "c", v1alpha1.MeshPolicySpec{EndpointSelector: *sel("app", "web"), Ingress: []v1alpha1.PolicyRule{{Peers: []v1alpha1.PolicyPeer{ipBlock("::/0")}}}})},
-			wantCIDRs: map[netip.Prefix]uint32{p("10.0.0.0/8"): idCIDR, p("::/0"): idCIDR + 1},
-			wantPeers: []uint32{idCIDR},
+			name:       "an IPv4-mapped IPv6 block is the IPv4 block; an IPv6 block never covers IPv4",
+			pols:       []v1alpha1.MeshPolicy{dbIngress("a", ipBlock("::ffff:10.0.0.0/104")), dbIngress("b", ipBlock("10.0.0.0/8")), pol("prod", "c", v1alpha1.MeshPolicySpec{EndpointSelector: *sel("app", "web"), Ingress: []v1alpha1.PolicyRule{{Peers: []v1alpha1.PolicyPeer{ipBlock("::/0")}}}})},
+			wantCIDRs:  prefixes("10.0.0.0/8", "::/0"),
+			wantBlocks: prefixes("10.0.0.0/8"),
 		},
 		{
 			name: "world is world and every CIDR identity",
@@ -112,21 +126,20 @@ func TestCompileEntitiesAndBlocks(t *testing.T) {
 				dbIngress("a", entities(v1alpha1.EntityWorld)),
 				pol("prod", "b", v1alpha1.MeshPolicySpec{EndpointSelector: *sel("app", "web"), Ingress: []v1alpha1.PolicyRule{{Peers: []v1alpha1.PolicyPeer{ipBlock("192.0.2.0/24", "192.0.2.128/25")}}}}),
 			},
-			wantCIDRs: map[netip.Prefix]uint32{p("192.0.2.0/24"): idCIDR, p("192.0.2.128/25"): idCIDR + 1},
-			wantPeers: []uint32{idWorld, idCIDR, idCIDR + 1},
+			wantCIDRs:  prefixes("192.0.2.0/24", "192.0.2.128/25"),
+			wantPeers:  []uint32{idWorld},
+			wantBlocks: prefixes("192.0.2.0/24", "192.0.2.128/25"),
 		},
 		{
 			name:      "the host switch allows the host into every subject under ingress policy",
 			pols:      []v1alpha1.MeshPolicy{dbIngress("a", v1alpha1.PolicyPeer{PodSelector: sel("app", "web")})},
 			hostAllow: true,
 			wantPeers: []uint32{idHost, c1web.ID, c2web.ID}, // a podSelector alone: any cluster
-			wantCIDRs: map[netip.Prefix]uint32{},
 		},
 		{
 			name:      "the host switch off: the host only where a rule names it",
 			pols:      []v1alpha1.MeshPolicy{dbIngress("a", v1alpha1.PolicyPeer{PodSelector: sel("app", "web")})},
 			wantPeers: []uint32{c1web.ID, c2web.ID},
-			wantCIDRs: map[netip.Prefix]uint32{},
 		},
 	}
 	for _, tt := range tests {
@@ -135,11 +148,23 @@ func TestCompileEntitiesAndBlocks(t *testing.T) {
 			if len(r.Skipped) != 0 {
 				t.Fatalf("skipped: %v", r.Skipped)
 			}
-			if d := cmp.Diff(tt.wantPeers, peersOf(r)); d != "" {
+			ids, blocks := peersOf(r)
+			if d := cmp.Diff(tt.wantPeers, ids); d != "" {
 				t.Errorf("db's ingress peers (-want +got):\n%s", d)
 			}
-			if d := cmp.Diff(tt.wantCIDRs, r.CIDRs); d != "" {
-				t.Errorf("CIDR identities (-want +got):\n%s", d)
+			if d := cmp.Diff(tt.wantBlocks, blocks, cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); d != "" {
+				t.Errorf("db's ingress peers, CIDR identities by prefix (-want +got):\n%s", d)
+			}
+			var got []netip.Prefix
+			for p, id := range r.CIDRs {
+				if !identity.Identity(id).IsCIDR() {
+					t.Errorf("%s: identity %d below MinCIDR", p, id)
+				}
+				got = append(got, p)
+			}
+			slices.SortFunc(got, comparePrefix)
+			if d := cmp.Diff(tt.wantCIDRs, got, cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); d != "" {
+				t.Errorf("prefixes with a CIDR identity (-want +got):\n%s", d)
 			}
 		})
 	}
@@ -200,6 +225,7 @@ func TestBadBlocksAreSkipped(t *testing.T) {
 
 func TestLookup(t *testing.T) {
 	p, a := netip.MustParsePrefix, netip.MustParseAddr
+	const idCIDR = uint32(identity.MinCIDR)
 	cidrs := map[netip.Prefix]uint32{p("10.0.0.0/8"): idCIDR, p("10.1.0.0/16"): idCIDR + 1, p("::/0"): idCIDR + 2}
 	tests := []struct {
 		addr netip.Addr
@@ -325,5 +351,45 @@ func TestCIDRIdentitiesStable(t *testing.T) {
 	r2 := Compile(Input{Policies: []v1alpha1.MeshPolicy{b, a}, Identities: c1all})
 	if d := cmp.Diff(r1.CIDRs, r2.CIDRs); d != "" {
 		t.Errorf("(-first +second):\n%s", d)
+	}
+	// Another policy's prefixes do not renumber these.
+	c := dbIngress("c", ipBlock("10.0.0.0/16"), ipBlock("0.0.0.0/0", "10.0.0.0/8"))
+	r3 := Compile(Input{Policies: []v1alpha1.MeshPolicy{a, b, c}, Identities: c1all})
+	for p, id := range r1.CIDRs {
+		if r3.CIDRs[p] != id {
+			t.Errorf("%s: identity %d, %d once another policy names more prefixes", p, id, r3.CIDRs[p])
+		}
+	}
+}
+
+// TestCIDRIdentitiesDistinct: many prefixes, each its own identity, all at or above MinCIDR.
+func TestCIDRIdentitiesDistinct(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	set := map[netip.Prefix]bool{}
+	for range 20000 {
+		var a [16]byte
+		for i := range a {
+			a[i] = byte(rng.IntN(256))
+		}
+		addr := netip.AddrFrom16(a)
+		if rng.IntN(2) == 0 {
+			addr = netip.AddrFrom4([4]byte(a[:4]))
+		}
+		p, _ := addr.Prefix(rng.IntN(addr.BitLen() + 1))
+		set[p] = true
+	}
+	ids := cidrIdentities(set)
+	seen := map[uint32]netip.Prefix{}
+	for p, id := range ids {
+		if !identity.Identity(id).IsCIDR() {
+			t.Fatalf("%s: identity %d below MinCIDR", p, id)
+		}
+		if q, dup := seen[id]; dup {
+			t.Fatalf("%s and %s share identity %d", p, q, id)
+		}
+		seen[id] = p
+	}
+	if len(ids) != len(set) {
+		t.Fatalf("%d identities for %d prefixes", len(ids), len(set))
 	}
 }

@@ -116,8 +116,8 @@ type Result struct {
 	// nothing and make nothing default-deny (the agent reports them).
 	Skipped []string
 	// CIDRs are the CIDR identities: every distinct cidr and except prefix of the compiled
-	// policies' ipBlocks, numbered from identity.MinCIDR up in prefix order. The agent puts
-	// them into the ipcache (pod and node entries, more specific, still win).
+	// policies' ipBlocks, numbered from identity.MinCIDR up by a hash of the prefix. The agent
+	// puts them into the ipcache (pod and node entries, more specific, still win).
 	CIDRs map[netip.Prefix]uint32
 }
 

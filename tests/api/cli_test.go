@@ -5,9 +5,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -23,6 +25,7 @@ import (
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/pkg/identity"
+	"github.com/meshcrypt/meshcrypt/pkg/policy"
 	"github.com/meshcrypt/meshcrypt/pkg/status"
 	"github.com/meshcrypt/meshcrypt/tests/cluster"
 	"github.com/meshcrypt/meshcrypt/tests/controlplane"
@@ -323,11 +326,11 @@ func TestCLI(t *testing.T) {
 			t.Fatal(err)
 		}
 		check(t, as("auditor", "policy", "check", "--from-ip", "192.0.2.7", "--to", "default/web", "--port", "80/TCP"), 0, []string{
-			"ALLOWED: 192.0.2.7 (ipBlock 192.0.2.0/24) (identity 16777216) -> default/web (identity 65792) 80/TCP\n",
+			"ALLOWED: 192.0.2.7 (ipBlock 192.0.2.0/24) (identity " + cidrID(t, "192.0.2.0/24", webIn) + ") -> default/web (identity 65792) 80/TCP\n",
 			"  ingress of default/web: allowed by default/web-in ingress[0]\n",
 		}, nil)
 		check(t, as("auditor", "policy", "check", "--from-ip", "192.0.2.200", "--to", "default/web", "--port", "80/TCP"), 1, []string{
-			"DENIED: 192.0.2.200 (ipBlock 192.0.2.128/25) (identity 16777217) -> default/web",
+			"DENIED: 192.0.2.200 (ipBlock 192.0.2.128/25) (identity " + cidrID(t, "192.0.2.128/25", webIn) + ") -> default/web",
 			"ingress of default/web: DENIED: default-deny (selected by default/web-in)",
 		}, nil)
 		check(t, as("auditor", "policy", "check", "--from-ip", "10.77.0.11", "--to", "default/web", "--port", "8080/TCP"), 0, []string{
@@ -407,4 +410,18 @@ func TestCLI(t *testing.T) {
 		check(t, pcli.run([]string{"KUBECONFIG=" + twoContexts}, "--context", "meshcrypt", "status"), 1, []string{"NOT compliant"}, nil)
 		check(t, pcli.run([]string{"KUBECONFIG=" + twoContexts}, "status"), 2, nil, []string{"kubectl " + unreachable})
 	})
+}
+
+// cidrID is the CIDR identity the compiler gives prefix p among the ipBlocks of pols, in decimal.
+func cidrID(t *testing.T, p string, pols ...*v1alpha1.MeshPolicy) string {
+	t.Helper()
+	var in policy.Input
+	for _, pol := range pols {
+		in.Policies = append(in.Policies, *pol)
+	}
+	id, ok := policy.Compile(in).CIDRs[netip.MustParsePrefix(p)]
+	if !ok {
+		t.Fatalf("no CIDR identity for %s", p)
+	}
+	return strconv.FormatUint(uint64(id), 10)
 }
