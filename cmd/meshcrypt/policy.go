@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -83,30 +84,35 @@ func listIdentities(ctx context.Context, c client.Client) ([]policy.Identity, er
 
 func newPolicyCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "policy", Short: "inspect MeshPolicy decisions"}
-	var from, to, port, clusterName string
+	var ends [2]endFlags
+	var port, clusterName string
 	check := &cobra.Command{
-		Use:   "check --from NS/POD --to NS/POD --port PORT/PROTO",
-		Short: "explain whether traffic from one pod to another is allowed, and by which rule",
-		Long: "Computes the verdict the classifier reaches for a packet from one pod to another, from\n" +
-			"the cluster's MeshPolicies and identities, and names the rule that allowed it or the\n" +
-			"policies that make the direction default-deny. Exits 0 when the traffic is allowed, 1 when it\n" +
-			"is denied, 2 on an error (a pod that does not exist, no identity yet, no permission).",
+		Use:   "check (--from NS/POD | --from-ip IP | --from-entity ENTITY) (--to NS/POD | --to-ip IP | --to-entity ENTITY) --port PORT/PROTO",
+		Short: "explain whether traffic between pods, addresses and entities is allowed, and by which rule",
+		Long: "Computes the verdict the classifier reaches for a packet from one end to the other, from\n" +
+			"the cluster's MeshPolicies, identities and MeshConfig, and names the rule that allowed it or\n" +
+			"the policies that make the direction default-deny. An end is a pod (NAMESPACE/NAME), an\n" +
+			"address (--from-ip/--to-ip: a pod's or a node's address resolves to it; any other address\n" +
+			"to the CIDR identity of the most specific ipBlock that holds it, else world), or an entity\n" +
+			"(host: the node of the pod at the other end; remote-node; world). Exits 0 when the traffic\n" +
+			"is allowed, 1 when it is denied, 2 on an error (a pod that does not exist, no identity yet,\n" +
+			"no permission).",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			proto, p, err := parsePortProto(port)
 			if err != nil {
 				return err
 			}
-			for i, s := range []string{from, to} {
-				if _, err := podRef(s); err != nil {
-					return fmt.Errorf("%s %w", [2]string{"--from", "--to"}[i], err)
+			for i := range ends {
+				if err := ends[i].check(); err != nil {
+					return err
 				}
 			}
 			c, err := g.client()
 			if err != nil {
 				return err
 			}
-			allowed, err := policyCheck(cmd.Context(), c, cmd.OutOrStdout(), from, to, proto, p, clusterName)
+			allowed, err := policyCheck(cmd.Context(), c, cmd.OutOrStdout(), checkRequest{ends: ends, proto: proto, port: p, clusterName: clusterName})
 			if err != nil {
 				return err
 			}
@@ -116,18 +122,65 @@ func newPolicyCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
-	check.Flags().StringVar(&from, "from", "", "source pod, NAMESPACE/NAME (namespace default if omitted)")
-	check.Flags().StringVar(&to, "to", "", "destination pod, NAMESPACE/NAME")
+	for i, side := range []string{"from", "to"} {
+		e := &ends[i]
+		e.side = side
+		what := [2]string{"source", "destination"}[i]
+		check.Flags().StringVar(&e.pod, side, "", what+" pod, NAMESPACE/NAME (namespace default if omitted)")
+		check.Flags().StringVar(&e.ip, side+"-ip", "", what+" address (IPv4 or IPv6): a pod, a node, or an address outside the cluster")
+		check.Flags().StringVar(&e.entity, side+"-entity", "", what+" entity: host, remote-node or world")
+		check.MarkFlagsOneRequired(side, side+"-ip", side+"-entity")
+		check.MarkFlagsMutuallyExclusive(side, side+"-ip", side+"-entity")
+		_ = check.RegisterFlagCompletionFunc(side, completePods(g))
+		_ = check.RegisterFlagCompletionFunc(side+"-ip", cobra.NoFileCompletions)
+		_ = check.RegisterFlagCompletionFunc(side+"-entity", cobra.FixedCompletions(
+			[]string{string(v1alpha1.EntityHost), string(v1alpha1.EntityRemoteNode), string(v1alpha1.EntityWorld)}, cobra.ShellCompDirectiveNoFileComp))
+	}
 	check.Flags().StringVar(&port, "port", "", "destination port and protocol: 5432/TCP, 53/UDP, ICMP")
 	check.Flags().StringVar(&clusterName, "cluster-name", "default", "the cluster's name, as the agents are configured")
-	for _, f := range []string{"from", "to", "port"} {
-		_ = check.MarkFlagRequired(f)
-	}
-	_ = check.RegisterFlagCompletionFunc("from", completePods(g))
-	_ = check.RegisterFlagCompletionFunc("to", completePods(g))
+	_ = check.MarkFlagRequired("port")
 	_ = check.RegisterFlagCompletionFunc("port", cobra.NoFileCompletions)
 	cmd.AddCommand(check)
 	return cmd
+}
+
+// endFlags is one end of a policy check as given on the command line: exactly one of a pod,
+// an address, an entity.
+type endFlags struct {
+	side            string // "from" or "to"
+	pod, ip, entity string
+}
+
+// check validates the end's syntax before anything is read from the cluster.
+func (e endFlags) check() error {
+	switch {
+	case e.pod != "":
+		if _, err := podRef(e.pod); err != nil {
+			return fmt.Errorf("--%s %w", e.side, err)
+		}
+	case e.ip != "":
+		if _, err := netip.ParseAddr(e.ip); err != nil {
+			return fmt.Errorf("--%s-ip %q: not an IPv4 or IPv6 address", e.side, e.ip)
+		}
+	default:
+		if _, ok := entityIdentity(v1alpha1.Entity(e.entity)); !ok {
+			return fmt.Errorf("--%s-entity %q: want host, remote-node or world", e.side, e.entity)
+		}
+	}
+	return nil
+}
+
+// entityIdentity is the reserved identity an entity stands for as one end of a check.
+func entityIdentity(e v1alpha1.Entity) (uint32, bool) {
+	switch e {
+	case v1alpha1.EntityHost:
+		return uint32(identity.Host), true
+	case v1alpha1.EntityRemoteNode:
+		return uint32(identity.RemoteNode), true
+	case v1alpha1.EntityWorld:
+		return uint32(identity.World), true
+	}
+	return 0, false
 }
 
 func parsePortProto(s string) (uint8, uint16, error) {
@@ -163,45 +216,29 @@ func podRef(s string) (client.ObjectKey, error) {
 	return key, nil
 }
 
-// policyCheck prints the decision for a packet from one pod to another and reports whether it
-// is allowed.
-func policyCheck(ctx context.Context, c client.Client, out io.Writer, from, to string, proto uint8, port uint16, clusterName string) (bool, error) {
+// checkRequest is what policy check explains.
+type checkRequest struct {
+	ends        [2]endFlags
+	proto       uint8
+	port        uint16
+	clusterName string
+}
+
+// checkEnd is one resolved end of a check.
+type checkEnd struct {
+	ref  string      // how it is printed
+	pod  *corev1.Pod // the pod, if the end is one
+	id   uint32
+	addr netip.Addr // the address, if given as one
+	node string     // a node's address: the node's name
+}
+
+// policyCheck prints the decision for a packet from one end to the other and reports whether
+// it is allowed.
+func policyCheck(ctx context.Context, c client.Client, out io.Writer, req checkRequest) (bool, error) {
 	ids, err := listIdentities(ctx, c)
 	if err != nil {
 		return false, err
-	}
-	type end struct {
-		ref string
-		pod corev1.Pod
-		id  uint32
-	}
-	var ends [2]end
-	flagOf := [2]string{"--from", "--to"}
-	for i, s := range []string{from, to} {
-		e := &ends[i]
-		key, err := podRef(s)
-		if err != nil {
-			return false, fmt.Errorf("%s %w", flagOf[i], err)
-		}
-		e.ref = key.String()
-		if err := c.Get(ctx, key, &e.pod); err != nil {
-			if apierrors.IsNotFound(err) {
-				return false, fmt.Errorf("%s %s: pod not found (want NAMESPACE/NAME; a name alone means namespace default)", flagOf[i], e.ref)
-			}
-			return false, fmt.Errorf("get pod %s: %w", e.ref, err)
-		}
-		l, err := identity.Canonical(e.pod.Labels, e.pod.Namespace, e.pod.Spec.ServiceAccountName, clusterName)
-		if err != nil {
-			return false, fmt.Errorf("pod %s has no valid identity: %w", e.ref, err)
-		}
-		for _, id := range ids {
-			if identity.FromMap(id.Labels).Equal(l) {
-				e.id = id.ID
-			}
-		}
-		if e.id == 0 {
-			return false, fmt.Errorf("pod %s (labels %s) has no identity yet: is an agent running?", e.ref, l)
-		}
 	}
 	var pols v1alpha1.MeshPolicyList
 	if err := c.List(ctx, &pols); err != nil {
@@ -215,10 +252,39 @@ func policyCheck(ctx context.Context, c client.Client, out io.Writer, from, to s
 	for _, ns := range nss.Items {
 		nsLabels[ns.Name] = ns.Labels
 	}
-	res := policy.Compile(policy.Input{Policies: pols.Items, Identities: ids, NamespaceLabels: nsLabels})
-	d := res.Decide(ends[0].id, ends[1].id, proto, port)
-	what := fmt.Sprintf("%d/%s", port, protoName(proto))
-	if proto == policy.ProtoICMP {
+	var mc v1alpha1.MeshConfig
+	if err := c.Get(ctx, client.ObjectKey{Name: v1alpha1.MeshConfigName}, &mc); err != nil && !apierrors.IsNotFound(err) {
+		return false, fmt.Errorf("get MeshConfig: %w", err)
+	}
+	clusterID := uint8(1)
+	if mc.Spec.Cluster != nil {
+		clusterID = uint8(mc.Spec.Cluster.ID)
+	}
+	res := policy.Compile(policy.Input{
+		Policies: pols.Items, Identities: ids, NamespaceLabels: nsLabels,
+		ClusterID: clusterID, AllowHostToLocalPods: mc.Spec.Policy.HostToLocalPodsAllowed(),
+	})
+	var ends [2]checkEnd
+	for i, f := range req.ends {
+		if ends[i], err = resolveEnd(ctx, c, f, ids, res.CIDRs, req.clusterName); err != nil {
+			return false, err
+		}
+	}
+	// host is the node of the pod at the other end: an address of another node is remote-node
+	// seen from there.
+	for i := range ends {
+		if ends[i].node == "" {
+			continue
+		}
+		kind := "remote-node"
+		if other := ends[1-i]; other.pod != nil && other.pod.Spec.NodeName == ends[i].node {
+			ends[i].id, kind = uint32(identity.Host), "host"
+		}
+		ends[i].ref = fmt.Sprintf("%s (node %s, %s)", ends[i].addr, ends[i].node, kind)
+	}
+	d := res.Decide(ends[0].id, ends[1].id, req.proto, req.port)
+	what := fmt.Sprintf("%d/%s", req.port, protoName(req.proto))
+	if req.proto == policy.ProtoICMP {
 		what = "ICMP"
 	}
 	verdict := "ALLOWED"
@@ -254,6 +320,89 @@ func policyCheck(ctx context.Context, c client.Client, out io.Writer, from, to s
 		}
 	}
 	return d.Allowed(), nil
+}
+
+// resolveEnd finds the identity of one end: a pod's from its labels; an address's as the
+// ipcache would (a pod's address is the pod; a node's underlay address is that node, host or
+// remote-node depending on the other end; else the most specific ipBlock's CIDR identity, or
+// world); an entity's reserved identity.
+func resolveEnd(ctx context.Context, c client.Client, f endFlags, ids []policy.Identity, cidrs map[netip.Prefix]uint32, clusterName string) (checkEnd, error) {
+	switch {
+	case f.entity != "":
+		id, _ := entityIdentity(v1alpha1.Entity(f.entity))
+		return checkEnd{ref: "entity " + f.entity, id: id}, nil
+	case f.ip != "":
+		addr, err := netip.ParseAddr(f.ip)
+		if err != nil {
+			return checkEnd{}, fmt.Errorf("--%s-ip %q: not an IPv4 or IPv6 address", f.side, f.ip)
+		}
+		addr = addr.Unmap()
+		var pods corev1.PodList
+		if err := c.List(ctx, &pods); err != nil {
+			return checkEnd{}, fmt.Errorf("list pods: %w", err)
+		}
+		for i := range pods.Items {
+			pod := &pods.Items[i]
+			if pod.Spec.HostNetwork || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
+				continue
+			}
+			for _, pip := range pod.Status.PodIPs {
+				if a, err := netip.ParseAddr(pip.IP); err == nil && a.Unmap() == addr {
+					e, err := podEnd(ctx, c, "--"+f.side+"-ip", pod.Namespace+"/"+pod.Name, ids, clusterName)
+					e.ref = fmt.Sprintf("%s (pod %s)", addr, e.ref)
+					return e, err
+				}
+			}
+		}
+		var nodes v1alpha1.MeshNodeList
+		if err := c.List(ctx, &nodes); err != nil {
+			return checkEnd{}, fmt.Errorf("list MeshNodes: %w", err)
+		}
+		for _, n := range nodes.Items {
+			for _, u := range n.Spec.UnderlayIPs {
+				if a, err := netip.ParseAddr(string(u)); err == nil && a.Unmap() == addr {
+					return checkEnd{id: uint32(identity.RemoteNode), addr: addr, node: n.Name}, nil
+				}
+			}
+		}
+		id := policy.Lookup(cidrs, addr)
+		ref := fmt.Sprintf("%s (world)", addr)
+		for p, pid := range cidrs {
+			if pid == id {
+				ref = fmt.Sprintf("%s (ipBlock %s)", addr, p)
+			}
+		}
+		return checkEnd{ref: ref, id: id, addr: addr}, nil
+	}
+	return podEnd(ctx, c, "--"+f.side, f.pod, ids, clusterName)
+}
+
+// podEnd resolves a pod given as NAMESPACE/NAME to its identity.
+func podEnd(ctx context.Context, c client.Client, flag, s string, ids []policy.Identity, clusterName string) (checkEnd, error) {
+	key, err := podRef(s)
+	if err != nil {
+		return checkEnd{}, fmt.Errorf("%s %w", flag, err)
+	}
+	e := checkEnd{ref: key.String(), pod: &corev1.Pod{}}
+	if err := c.Get(ctx, key, e.pod); err != nil {
+		if apierrors.IsNotFound(err) {
+			return e, fmt.Errorf("%s %s: pod not found (want NAMESPACE/NAME; a name alone means namespace default)", flag, e.ref)
+		}
+		return e, fmt.Errorf("get pod %s: %w", e.ref, err)
+	}
+	l, err := identity.Canonical(e.pod.Labels, e.pod.Namespace, e.pod.Spec.ServiceAccountName, clusterName)
+	if err != nil {
+		return e, fmt.Errorf("pod %s has no valid identity: %w", e.ref, err)
+	}
+	for _, id := range ids {
+		if identity.FromMap(id.Labels).Equal(l) {
+			e.id = id.ID
+		}
+	}
+	if e.id == 0 {
+		return e, fmt.Errorf("pod %s (labels %s) has no identity yet: is an agent running?", e.ref, l)
+	}
+	return e, nil
 }
 
 // selectingPolicies names the policies that make an identity default-deny in a direction.

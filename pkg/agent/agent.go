@@ -746,7 +746,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 
 	cfg := wireguard.Config{PrivateKey: a.key, ListenPort: a.opts.WireGuard.ListenPort, FirewallMark: int(a.firewallMark())}
 	route := a.routeConfig()
-	plan, err := a.planPolicy(ctx, remote.identities)
+	plan, err := a.planPolicy(ctx, remote.identities, mc.Spec.Policy)
 	if err != nil {
 		return err
 	}

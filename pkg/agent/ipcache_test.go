@@ -2,6 +2,7 @@ package agent
 
 import (
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -44,7 +45,7 @@ func TestIPCacheEntries(t *testing.T) {
 	}
 	want[p("10.244.4.0/24")] = datapath.IPCacheEntry{Identity: uint32(identity.World), Flags: datapath.IPCacheRemotePod} // a Node without MeshNode
 	assigned := map[string][]netip.Prefix{"n1": {p("10.244.1.0/24")}, "n2": {p("10.244.2.0/24")}, "n4": {p("10.244.4.0/24")}}
-	got := ipcacheEntries("n1", pods, nodes, map[string]bool{"n2": true}, assigned)
+	got := ipcacheEntries(ipcacheInput{self: "n1", pods: pods, nodes: nodes, tunnelReady: map[string]bool{"n2": true}, assigned: assigned})
 	if d := cmp.Diff(want, got, cmpNetip); d != "" {
 		t.Errorf("(-want +got):\n%s", d)
 	}
@@ -153,5 +154,89 @@ func TestStillReadyRandomized(t *testing.T) {
 		if d := cmp.Diff(stillReadyNaive(dev, desired), stillReady(dev, desired)); d != "" {
 			t.Fatalf("case %d: stillReady differs from the model (-model +got):\n%s\ndevice %+v\ndesired %+v", i, d, dev.Peers, desired)
 		}
+	}
+}
+
+// TestIPCacheCIDRs: the policies' CIDR identities and this node's other addresses in the
+// ipcache, next to the pod and node entries.
+func TestIPCacheCIDRs(t *testing.T) {
+	a, p := netip.MustParseAddr, netip.MustParsePrefix
+	nodes := []v1alpha1.MeshNode{
+		meshNode("n1", key(t, 1), 1, []string{"10.77.0.11"}, "10.244.1.0/24"),
+		meshNode("n2", key(t, 2), 1, []string{"10.77.0.12"}, "10.244.2.0/24", "fd44:0:0:2::/64"),
+		meshNode("n3", key(t, 3), 1, []string{"10.77.0.13"}, "10.244.3.0/24"),
+	}
+	pods := []podEntry{
+		{Name: "web", Node: "n1", IPs: []netip.Addr{a("10.244.1.10")}, Identity: 300},
+		{Name: "db", Node: "n2", IPs: []netip.Addr{a("10.244.2.10")}, Identity: 301},
+	}
+	const c = uint32(identity.MinCIDR)
+	remoteReady := datapath.IPCacheRemotePod | datapath.IPCacheTunnelReady
+	world := uint32(identity.World)
+	tests := []struct {
+		name      string
+		hostAddrs []netip.Addr
+		cidrs     map[netip.Prefix]uint32
+		want      map[netip.Prefix]datapath.IPCacheEntry // beyond the base entries
+	}{
+		{name: "nothing more"},
+		{
+			name:      "the node's other addresses (a CNI bridge's, inside its own pod CIDR) are host",
+			hostAddrs: []netip.Addr{a("10.77.0.11"), a("10.244.1.1"), a("::ffff:10.244.1.2")},
+			want: map[netip.Prefix]datapath.IPCacheEntry{
+				p("10.244.1.1/32"): {Identity: uint32(identity.Host)},
+				p("10.244.1.2/32"): {Identity: uint32(identity.Host)},
+			},
+		},
+		{
+			name: "a CIDR outside the cluster has no flags; inside a remote pod CIDR it keeps that CIDR's flags",
+			cidrs: map[netip.Prefix]uint32{
+				p("192.0.2.0/24"): c, p("10.244.2.128/25"): c + 1, p("10.244.3.0/26"): c + 2, p("fd44:0:0:2::/80"): c + 3,
+			},
+			want: map[netip.Prefix]datapath.IPCacheEntry{
+				p("192.0.2.0/24"):    {Identity: c},
+				p("10.244.2.128/25"): {Identity: c + 1, Flags: remoteReady},
+				p("10.244.3.0/26"):   {Identity: c + 2, Flags: datapath.IPCacheRemotePod}, // n3's tunnel is not ready
+				p("fd44:0:0:2::/80"): {Identity: c + 3, Flags: remoteReady},
+			},
+		},
+		{
+			name: "a CIDR that is exactly a remote pod CIDR takes it over with its flags; one that is a pod's or node's address does not",
+			cidrs: map[netip.Prefix]uint32{
+				p("10.244.2.0/24"): c, p("10.244.2.10/32"): c + 1, p("10.77.0.12/32"): c + 2, p("10.0.0.0/8"): c + 3,
+			},
+			want: map[netip.Prefix]datapath.IPCacheEntry{
+				p("10.244.2.0/24"): {Identity: c, Flags: remoteReady},
+				p("10.0.0.0/8"):    {Identity: c + 3}, // contains pod CIDRs, lies inside none
+			},
+		},
+		{
+			name:  "an IPv6 block over the IPv4-mapped range does not swallow IPv4 addresses",
+			cidrs: map[netip.Prefix]uint32{p("::/0"): c},
+			want: map[netip.Prefix]datapath.IPCacheEntry{
+				p("::/0"):      {Identity: c},
+				p("0.0.0.0/0"): {Identity: world},
+			},
+		},
+		{
+			name:  "an IPv4 default block stays",
+			cidrs: map[netip.Prefix]uint32{p("::/0"): c, p("0.0.0.0/0"): c + 1},
+			want: map[netip.Prefix]datapath.IPCacheEntry{
+				p("::/0"):      {Identity: c},
+				p("0.0.0.0/0"): {Identity: c + 1},
+			},
+		},
+	}
+	ready := map[string]bool{"n2": true}
+	base := ipcacheEntries(ipcacheInput{self: "n1", pods: pods, nodes: nodes, tunnelReady: ready})
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			want := maps.Clone(base)
+			maps.Copy(want, tt.want)
+			got := ipcacheEntries(ipcacheInput{self: "n1", pods: pods, nodes: nodes, tunnelReady: ready, hostAddrs: tt.hostAddrs, cidrs: tt.cidrs})
+			if d := cmp.Diff(want, got, cmpNetip); d != "" {
+				t.Errorf("(-want +got):\n%s", d)
+			}
+		})
 	}
 }

@@ -49,14 +49,19 @@ func managedPod(pod *corev1.Pod) bool {
 type policyPlan struct {
 	pods     []podEntry
 	assigned map[string][]netip.Prefix // pod CIDRs Kubernetes assigned to each node
-	allow    map[datapath.PolicyKey]datapath.PolicyValue
-	enforce  map[datapath.EnforceKey]datapath.EnforceValue
-	stats    string
+	// hostAddrs are this node's own addresses, cidrs the policies' CIDR identities: both go
+	// into the ipcache.
+	hostAddrs []netip.Addr
+	cidrs     map[netip.Prefix]uint32
+	allow     map[datapath.PolicyKey]datapath.PolicyValue
+	enforce   map[datapath.EnforceKey]datapath.EnforceValue
+	stats     string
 }
 
-// planPolicy gives every pod its identity (allocating new ones) and compiles the policies
-// over this cluster's identities and remote ones (from the cluster mesh).
-func (a *Agent) planPolicy(ctx context.Context, remote []policy.Identity) (*policyPlan, error) {
+// planPolicy gives every pod its identity (allocating new ones), compiles the policies over
+// this cluster's identities and remote ones (from the cluster mesh) with MeshConfig's policy
+// settings, and reads this node's own addresses (the host identity's).
+func (a *Agent) planPolicy(ctx context.Context, remote []policy.Identity, cfg v1alpha1.PolicyConfig) (*policyPlan, error) {
 	var pods corev1.PodList
 	if err := a.cache.List(ctx, &pods); err != nil {
 		return nil, fmt.Errorf("list pods: %w", err)
@@ -106,7 +111,16 @@ func (a *Agent) planPolicy(ctx context.Context, remote []policy.Identity) (*poli
 		ids = append(ids, policy.Identity{ID: uint32(id), Labels: l.Map()})
 	}
 	ids = append(ids, remote...)
-	res := policy.Compile(policy.Input{Policies: pols.Items, Identities: ids, NamespaceLabels: nsLabels})
+	res := policy.Compile(policy.Input{
+		Policies: pols.Items, Identities: ids, NamespaceLabels: nsLabels,
+		ClusterID: a.opts.ClusterID, AllowHostToLocalPods: cfg.HostToLocalPodsAllowed(),
+	})
+	plan.cidrs = res.CIDRs
+	hostAddrs, err := datapath.HostAddrs(a.nl)
+	if err != nil {
+		return nil, err
+	}
+	plan.hostAddrs = hostAddrs
 	plan.allow = make(map[datapath.PolicyKey]datapath.PolicyValue, len(res.Allow))
 	for k, v := range res.Allow {
 		plan.allow[datapath.PolicyKey{Subject: k.Subject, Peer: k.Peer, Port: k.Port, Proto: k.Proto, Dir: datapath.Direction(k.Dir)}] =
@@ -122,7 +136,7 @@ func (a *Agent) planPolicy(ctx context.Context, remote []policy.Identity) (*poli
 		}
 	}
 	a.policySkipped = res.Skipped
-	plan.stats = fmt.Sprintf("identities=%d policies=%d", len(ids), len(pols.Items))
+	plan.stats = fmt.Sprintf("identities=%d policies=%d cidrs=%d", len(ids), len(pols.Items), len(res.CIDRs))
 	return plan, nil
 }
 
@@ -130,7 +144,10 @@ func (a *Agent) planPolicy(ctx context.Context, remote []policy.Identity) (*poli
 // reachable through a ready tunnel, and attaches the classifier to every local pod. Maps are
 // filled before programs are attached, so a program never sees empty maps.
 func (a *Agent) applyPolicy(ctx context.Context, plan *policyPlan, meshNodes []v1alpha1.MeshNode, tunnelReady map[string]bool) error {
-	ipc := ipcacheEntries(a.opts.NodeName, plan.pods, meshNodes, tunnelReady, plan.assigned)
+	ipc := ipcacheEntries(ipcacheInput{
+		self: a.opts.NodeName, pods: plan.pods, nodes: meshNodes, tunnelReady: tunnelReady,
+		assigned: plan.assigned, hostAddrs: plan.hostAddrs, cidrs: plan.cidrs,
+	})
 	ist, err := a.clf.ApplyIPCache(ctx, ipc)
 	if err != nil {
 		return fmt.Errorf("apply ipcache: %w", err)

@@ -159,7 +159,8 @@ var reservedNames = map[identity.Identity]string{
 
 // IdentityString shows an identity with what it stands for: "4660(default app=web)" (the
 // namespace, then the pod labels; the other meshcrypt.io/ labels are left out), "2(world)",
-// the bare number when the labels are not known, "?" for 0.
+// "16777216(cidr)" for an ipBlock's CIDR identity, the bare number when the labels are not
+// known, "?" for 0.
 func IdentityString(id uint32, labels map[string]string) string {
 	if id == 0 {
 		return "?"
@@ -167,6 +168,9 @@ func IdentityString(id uint32, labels map[string]string) string {
 	num := strconv.FormatUint(uint64(id), 10)
 	if name, ok := reservedNames[identity.Identity(id)]; ok {
 		return num + "(" + name + ")"
+	}
+	if identity.Identity(id).IsCIDR() {
+		return num + "(cidr)" // a node-local identity of a policy's ipBlock prefix
 	}
 	if len(labels) == 0 {
 		return num

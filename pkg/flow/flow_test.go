@@ -103,6 +103,7 @@ func TestIdentityString(t *testing.T) {
 		{0, nil, "?"},
 		{1, nil, "1(host)"},
 		{6, nil, "6(remote-node)"},
+		{1 << 24, nil, "16777216(cidr)"},
 		{300, nil, "300"},
 		{300, map[string]string{"meshcrypt.io/cluster": "x"}, "300"},
 		{300, map[string]string{"b": "2", "a": "1"}, "300(a=1 b=2)"},

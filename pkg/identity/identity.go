@@ -38,6 +38,14 @@ const (
 	LocalSpace = MaxLocal - MinLocal + 1
 )
 
+// MinCIDR is the first CIDR identity. The policy compiler numbers the CIDRs that policies
+// name (ipBlock) from here to the largest uint32, node-locally and never stored in the API.
+// It lies above every clusterID<<16 | local (at most 0xFFFFFF), so the two ranges never meet.
+const MinCIDR Identity = 1 << 24
+
+// IsCIDR reports whether the identity stands for a CIDR a policy names (see [MinCIDR]).
+func (id Identity) IsCIDR() bool { return id >= MinCIDR }
+
 // New returns the identity of local number local in cluster cluster.
 func New(cluster uint8, local uint16) Identity {
 	return Identity(cluster)<<16 | Identity(local)

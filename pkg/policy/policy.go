@@ -3,6 +3,7 @@ package policy
 import (
 	"cmp"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 
@@ -10,6 +11,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
+	"github.com/meshcrypt/meshcrypt/pkg/identity"
 )
 
 // Label keys every identity's canonical label set carries (pkg/identity sets them).
@@ -87,9 +89,18 @@ type Rule struct {
 	Namespace, Policy string
 	Dir               Direction
 	Index             int
+	// Config, when set, names the configuration that allows instead of a policy rule (the
+	// MeshConfig switch for host traffic to local pods).
+	Config string
 }
 
+// HostToLocalPodsRule is the Config of the allow entries Input.AllowHostToLocalPods adds.
+const HostToLocalPodsRule = "MeshConfig default spec.policy.allowHostToLocalPods"
+
 func (r Rule) String() string {
+	if r.Config != "" {
+		return r.Config
+	}
 	return fmt.Sprintf("%s/%s %s[%d]", r.Namespace, r.Policy, r.Dir, r.Index)
 }
 
@@ -104,6 +115,10 @@ type Result struct {
 	// Skipped lists policies that could not be compiled, with the reason; they allow
 	// nothing and make nothing default-deny (the agent reports them).
 	Skipped []string
+	// CIDRs are the CIDR identities: every distinct cidr and except prefix of the compiled
+	// policies' ipBlocks, numbered from identity.MinCIDR up by a hash of the prefix. The agent
+	// puts them into the ipcache (pod and node entries, more specific, still win).
+	CIDRs map[netip.Prefix]uint32
 }
 
 // Input is what Compile needs.
@@ -112,11 +127,21 @@ type Input struct {
 	Identities []Identity
 	// NamespaceLabels are the labels of each namespace, for namespace selectors.
 	NamespaceLabels map[string]map[string]string
+	// ClusterID is this cluster's ID, for the entity cluster (0 means 1, the default).
+	ClusterID uint8
+	// AllowHostToLocalPods lets the host (this node) reach every pod under default-deny
+	// ingress (MeshConfig spec.policy.allowHostToLocalPods): an allow entry from identity host
+	// for every subject default-deny in ingress, named by HostToLocalPodsRule.
+	AllowHostToLocalPods bool
 }
 
 // Compile turns policies into allow entries and enforce flags. It is deterministic: policies
 // are taken in namespace/name order, and when two rules allow the same key the first names
 // it (their flags are merged, so a Required rule is never weakened by an Optional one).
+//
+// It runs in two passes: every policy is checked and its peers resolved first (a broken policy
+// adds nothing), then the CIDR identities are numbered from the ipBlocks of the policies that
+// compiled, and the entries are written with ipBlock and world peers expanded over them.
 func Compile(in Input) Result {
 	res := Result{Allow: map[Key]Value{}, Enforce: map[EnforceKey]uint32{}}
 	pols := slices.Clone(in.Policies)
@@ -125,19 +150,79 @@ func Compile(in Input) Result {
 	})
 	ids := slices.Clone(in.Identities)
 	slices.SortFunc(ids, func(a, b Identity) int { return cmp.Compare(a.ID, b.ID) })
+	cluster := in.ClusterID
+	if cluster == 0 {
+		cluster = 1
+	}
+	var compiled []compiledPolicy
+	prefixes := map[netip.Prefix]bool{}
 	for i := range pols {
-		if err := compileOne(&res, &pols[i], ids, in.NamespaceLabels); err != nil {
+		cp, err := compileOne(&pols[i], ids, in.NamespaceLabels, cluster)
+		if err != nil {
 			res.Skipped = append(res.Skipped, fmt.Sprintf("%s/%s: %v", pols[i].Namespace, pols[i].Name, err))
+			continue
 		}
+		for _, rules := range cp.rules {
+			for _, r := range rules {
+				for _, b := range r.blocks {
+					prefixes[b.cidr] = true
+					for _, e := range b.except {
+						prefixes[e] = true
+					}
+				}
+			}
+		}
+		compiled = append(compiled, cp)
+	}
+	res.CIDRs = cidrIdentities(prefixes)
+	for i := range compiled {
+		res.add(&compiled[i])
+	}
+	if in.AllowHostToLocalPods {
+		res.allowHost()
 	}
 	return res
 }
 
-// compiled is one policy's selectors, checked before anything is added to the result so a
-// broken policy adds nothing.
+// allowHost adds, for every subject default-deny in ingress, an allow entry from the host on
+// every port and protocol, unless a rule already allows exactly that key.
+func (res *Result) allowHost() {
+	var subjects []uint32
+	for k, f := range res.Enforce {
+		if k.Dir == Ingress && f&EnforceDeny != 0 {
+			subjects = append(subjects, k.Identity)
+		}
+	}
+	if len(subjects) == 0 {
+		return
+	}
+	res.Rules = append(res.Rules, Rule{Dir: Ingress, Config: HostToLocalPodsRule})
+	ruleID := uint32(len(res.Rules))
+	for _, s := range subjects {
+		k := Key{Subject: s, Peer: uint32(identity.Host), Proto: ProtoAny, Dir: Ingress}
+		if _, ok := res.Allow[k]; !ok {
+			res.Allow[k] = Value{Rule: ruleID}
+		}
+	}
+}
+
+// compiledPolicy is one policy with its selectors resolved, checked before anything is added
+// to the result so a broken policy adds nothing.
+type compiledPolicy struct {
+	p        *v1alpha1.MeshPolicy
+	subjects []uint32
+	types    []v1alpha1.PolicyType
+	rules    map[Direction][]compiledRule
+}
+
+// compiledRule is a rule's peers and ports. The peers are identities, plus ipBlocks and the
+// entity world, which Compile expands over the CIDR identities once all are known.
 type compiledRule struct {
-	peers []uint32 // nil: any peer
-	ports []portProto
+	any    bool // any peer: no peers, or the entity all
+	peers  []uint32
+	blocks []block
+	world  bool
+	ports  []portProto
 }
 
 type portProto struct {
@@ -145,10 +230,10 @@ type portProto struct {
 	port  uint16
 }
 
-func compileOne(res *Result, p *v1alpha1.MeshPolicy, ids []Identity, nsLabels map[string]map[string]string) error {
+func compileOne(p *v1alpha1.MeshPolicy, ids []Identity, nsLabels map[string]map[string]string, cluster uint8) (compiledPolicy, error) {
 	sel, err := metav1.LabelSelectorAsSelector(&p.Spec.EndpointSelector)
 	if err != nil {
-		return fmt.Errorf("endpointSelector: %w", err)
+		return compiledPolicy{}, fmt.Errorf("endpointSelector: %w", err)
 	}
 	var subjects []uint32
 	for _, id := range ids {
@@ -169,13 +254,19 @@ func compileOne(res *Result, p *v1alpha1.MeshPolicy, ids []Identity, nsLabels ma
 		rules []v1alpha1.PolicyRule
 	}{{Ingress, p.Spec.Ingress}, {Egress, p.Spec.Egress}} {
 		for j, r := range d.rules {
-			cr, err := compileRule(p.Namespace, r, ids, nsLabels)
+			cr, err := compileRule(p.Namespace, r, ids, nsLabels, cluster)
 			if err != nil {
-				return fmt.Errorf("%s[%d]: %w", d.dir, j, err)
+				return compiledPolicy{}, fmt.Errorf("%s[%d]: %w", d.dir, j, err)
 			}
 			rules[d.dir] = append(rules[d.dir], cr)
 		}
 	}
+	return compiledPolicy{p: p, subjects: subjects, types: types, rules: rules}, nil
+}
+
+// add writes a compiled policy's enforce flags and allow entries.
+func (res *Result) add(cp *compiledPolicy) {
+	p, subjects, types, rules := cp.p, cp.subjects, cp.types, cp.rules
 	encrypt := p.Spec.Encryption == v1alpha1.EncryptionRequired
 	for _, t := range types {
 		dir := Egress
@@ -196,10 +287,7 @@ func compileOne(res *Result, p *v1alpha1.MeshPolicy, ids []Identity, nsLabels ma
 			if encrypt {
 				flags = FlagEncrypt
 			}
-			peers := cr.peers
-			if peers == nil {
-				peers = []uint32{0}
-			}
+			peers := res.expand(cr)
 			for _, s := range subjects {
 				for _, peer := range peers {
 					for _, pp := range cr.ports {
@@ -215,10 +303,29 @@ func compileOne(res *Result, p *v1alpha1.MeshPolicy, ids []Identity, nsLabels ma
 			}
 		}
 	}
-	return nil
 }
 
-func compileRule(ns string, r v1alpha1.PolicyRule, ids []Identity, nsLabels map[string]map[string]string) (compiledRule, error) {
+// expand is a rule's peer identities: 0 for any peer; else its identities, the CIDR
+// identities its ipBlocks cover, and with world, world and every CIDR identity. Each once, in
+// ascending order.
+func (res *Result) expand(cr compiledRule) []uint32 {
+	if cr.any {
+		return []uint32{0}
+	}
+	peers := slices.Clone(cr.peers)
+	if cr.world {
+		peers = append(peers, uint32(identity.World))
+	}
+	for p, id := range res.CIDRs {
+		if cr.world || slices.ContainsFunc(cr.blocks, func(b block) bool { return b.covers(p) }) {
+			peers = append(peers, id)
+		}
+	}
+	slices.Sort(peers)
+	return slices.Compact(peers)
+}
+
+func compileRule(ns string, r v1alpha1.PolicyRule, ids []Identity, nsLabels map[string]map[string]string, cluster uint8) (compiledRule, error) {
 	var cr compiledRule
 	if len(r.Ports) == 0 {
 		cr.ports = []portProto{{ProtoAny, 0}}
@@ -246,19 +353,63 @@ func compileRule(ns string, r v1alpha1.PolicyRule, ids []Identity, nsLabels map[
 		}
 	}
 	if len(r.Peers) == 0 {
-		return cr, nil // any peer
+		cr.any = true
+		return cr, nil
 	}
-	cr.peers = []uint32{}
 	seen := map[uint32]bool{}
-	for k, peer := range r.Peers {
-		match, err := peerMatcher(ns, peer, nsLabels)
-		if err != nil {
-			return cr, fmt.Errorf("peers[%d]: %w", k, err)
+	addID := func(id uint32) {
+		if !seen[id] {
+			seen[id] = true
+			cr.peers = append(cr.peers, id)
 		}
-		for _, id := range ids {
-			if !seen[id.ID] && match(id) {
-				seen[id.ID] = true
-				cr.peers = append(cr.peers, id.ID)
+	}
+	for k, peer := range r.Peers {
+		kinds := 0
+		for _, set := range []bool{peer.PodSelector != nil || peer.NamespaceSelector != nil, len(peer.Entities) > 0, peer.IPBlock != nil} {
+			if set {
+				kinds++
+			}
+		}
+		if kinds != 1 {
+			return cr, fmt.Errorf("peers[%d]: a peer is exactly one of: podSelector and/or namespaceSelector, entities, ipBlock", k)
+		}
+		switch {
+		case peer.IPBlock != nil:
+			b, err := parseBlock(peer.IPBlock.CIDR, peer.IPBlock.Except)
+			if err != nil {
+				return cr, fmt.Errorf("peers[%d]: %w", k, err)
+			}
+			cr.blocks = append(cr.blocks, b)
+		case len(peer.Entities) > 0:
+			for _, e := range peer.Entities {
+				switch e {
+				case v1alpha1.EntityHost:
+					addID(uint32(identity.Host))
+				case v1alpha1.EntityRemoteNode:
+					addID(uint32(identity.RemoteNode))
+				case v1alpha1.EntityWorld:
+					cr.world = true
+				case v1alpha1.EntityCluster:
+					for _, id := range ids {
+						if i := identity.Identity(id.ID); i.Cluster() == cluster && !i.IsReserved() && !i.IsCIDR() {
+							addID(id.ID)
+						}
+					}
+				case v1alpha1.EntityAll:
+					cr.any = true
+				default:
+					return cr, fmt.Errorf("peers[%d]: unknown entity %q", k, e)
+				}
+			}
+		default:
+			match, err := peerMatcher(ns, peer, nsLabels)
+			if err != nil {
+				return cr, fmt.Errorf("peers[%d]: %w", k, err)
+			}
+			for _, id := range ids {
+				if match(id) {
+					addID(id.ID)
+				}
 			}
 		}
 	}

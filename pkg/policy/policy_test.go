@@ -220,12 +220,14 @@ func FuzzCompile(f *testing.F) {
 	f.Add(seed)
 	f.Add([]byte(`{"endpointSelector":{"matchExpressions":[{"key":"app","operator":"In","values":["web","db"]}]},"ingress":[{"peers":[{"namespaceSelector":{}}]}]}`))
 	f.Add([]byte(`{"endpointSelector":{"matchExpressions":[{"key":"app","operator":"Bogus"}]}}`))
+	f.Add([]byte(`{"endpointSelector":{},"ingress":[{"peers":[{"ipBlock":{"cidr":"10.0.0.0/8","except":["10.1.0.0/16"]}},{"entities":["host","world"]}]}]}`))
+	f.Add([]byte(`{"endpointSelector":{},"egress":[{"peers":[{"ipBlock":{"cidr":"fd00::/8","except":["10.0.0.0/8"]}}]}]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var spec v1alpha1.MeshPolicySpec
 		if json.Unmarshal(b, &spec) != nil {
 			return
 		}
-		r := Compile(Input{Policies: []v1alpha1.MeshPolicy{pol("prod", "f", spec)}, Identities: all, NamespaceLabels: nsl})
+		r := Compile(Input{Policies: []v1alpha1.MeshPolicy{pol("prod", "f", spec)}, Identities: all, NamespaceLabels: nsl, AllowHostToLocalPods: true})
 		for k := range r.Allow {
 			if r.Enforce[EnforceKey{k.Subject, k.Dir}]&EnforceDeny == 0 {
 				t.Fatalf("allow entry %+v for a subject that is not default-deny", k)

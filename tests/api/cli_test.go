@@ -5,9 +5,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -23,6 +25,7 @@ import (
 
 	"github.com/meshcrypt/meshcrypt/pkg/api/v1alpha1"
 	"github.com/meshcrypt/meshcrypt/pkg/identity"
+	"github.com/meshcrypt/meshcrypt/pkg/policy"
 	"github.com/meshcrypt/meshcrypt/pkg/status"
 	"github.com/meshcrypt/meshcrypt/tests/cluster"
 	"github.com/meshcrypt/meshcrypt/tests/controlplane"
@@ -309,6 +312,38 @@ func TestCLI(t *testing.T) {
 		check(t, as("auditor", "policy", "check", "--from", "web", "--to", "default/web", "--port", "80/TCP"), 0,
 			[]string{"ALLOWED: default/web (identity 65792) -> default/web (identity 65792) 80/TCP\n"}, nil)
 		check(t, as("auditor", "identities"), 0, []string{"65792"}, nil)
+
+		// Addresses and entities as ends: an ipBlock with an exception, the node's own address
+		// (host, allowed by the MeshConfig switch), another entity.
+		webIn := &v1alpha1.MeshPolicy{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "web-in"},
+			Spec: v1alpha1.MeshPolicySpec{
+				EndpointSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}},
+				Ingress:          []v1alpha1.PolicyRule{{Peers: []v1alpha1.PolicyPeer{{IPBlock: &v1alpha1.IPBlock{CIDR: "192.0.2.0/24", Except: []string{"192.0.2.128/25"}}}}}},
+			},
+		}
+		if err := admin.Create(ctx, webIn); err != nil {
+			t.Fatal(err)
+		}
+		check(t, as("auditor", "policy", "check", "--from-ip", "192.0.2.7", "--to", "default/web", "--port", "80/TCP"), 0, []string{
+			"ALLOWED: 192.0.2.7 (ipBlock 192.0.2.0/24) (identity " + cidrID(t, "192.0.2.0/24", webIn) + ") -> default/web (identity 65792) 80/TCP\n",
+			"  ingress of default/web: allowed by default/web-in ingress[0]\n",
+		}, nil)
+		check(t, as("auditor", "policy", "check", "--from-ip", "192.0.2.200", "--to", "default/web", "--port", "80/TCP"), 1, []string{
+			"DENIED: 192.0.2.200 (ipBlock 192.0.2.128/25) (identity " + cidrID(t, "192.0.2.128/25", webIn) + ") -> default/web",
+			"ingress of default/web: DENIED: default-deny (selected by default/web-in)",
+		}, nil)
+		check(t, as("auditor", "policy", "check", "--from-ip", "10.77.0.11", "--to", "default/web", "--port", "8080/TCP"), 0, []string{
+			"ALLOWED: 10.77.0.11 (node n1, host) (identity 1) -> default/web",
+			"allowed by MeshConfig default spec.policy.allowHostToLocalPods\n",
+		}, nil)
+		check(t, as("auditor", "policy", "check", "--from-entity", "remote-node", "--to", "default/web", "--port", "8080/TCP"), 1,
+			[]string{"DENIED: entity remote-node (identity 6) -> default/web"}, nil)
+		check(t, as("auditor", "policy", "check", "--from-ip", "10.77.0.300", "--to", "default/web", "--port", "80/TCP"), 2, nil,
+			[]string{`meshcrypt: --from-ip "10.77.0.300": not an IPv4 or IPv6 address`})
+		if err := admin.Delete(ctx, webIn); err != nil {
+			t.Fatal(err)
+		}
 	})
 
 	t.Run("missing permissions are named, for every command", func(t *testing.T) {
@@ -375,4 +410,18 @@ func TestCLI(t *testing.T) {
 		check(t, pcli.run([]string{"KUBECONFIG=" + twoContexts}, "--context", "meshcrypt", "status"), 1, []string{"NOT compliant"}, nil)
 		check(t, pcli.run([]string{"KUBECONFIG=" + twoContexts}, "status"), 2, nil, []string{"kubectl " + unreachable})
 	})
+}
+
+// cidrID is the CIDR identity the compiler gives prefix p among the ipBlocks of pols, in decimal.
+func cidrID(t *testing.T, p string, pols ...*v1alpha1.MeshPolicy) string {
+	t.Helper()
+	var in policy.Input
+	for _, pol := range pols {
+		in.Policies = append(in.Policies, *pol)
+	}
+	id, ok := policy.Compile(in).CIDRs[netip.MustParsePrefix(p)]
+	if !ok {
+		t.Fatalf("no CIDR identity for %s", p)
+	}
+	return strconv.FormatUint(uint64(id), 10)
 }

@@ -241,6 +241,8 @@ func TestClustermesh(t *testing.T) {
 			}
 			optOut := v1alpha1.DefaultNodeEncryptionOptOut // the CRD's default
 			want.Encryption.NodeEncryptionOptOutLabels = &optOut
+			hostToPods := true // the CRD's default
+			want.Policy.AllowHostToLocalPods = &hostToPods
 			if diff := cmp.Diff(want, cfg.Spec); diff != "" {
 				t.Errorf("%s: MeshConfig spec (-want +got):\n%s", reader.name, diff)
 			}

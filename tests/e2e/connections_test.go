@@ -18,12 +18,6 @@ import (
 	"github.com/meshcrypt/meshcrypt/tests/netenv"
 )
 
-// The classifier's reasons (docs/datapath.md), as the metrics map indexes them.
-const (
-	reasonDeniedEgress  = 1
-	reasonDeniedIngress = 2
-)
-
 // TestPolicyConnections: policy allows connections, and their replies follow (#15). Both a
 // client and its servers are default-deny in both directions; only the client's egress to the
 // servers and the servers' ingress from the client are allowed, on TCP 8080 and UDP 5353. TCP

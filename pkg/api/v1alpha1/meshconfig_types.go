@@ -103,6 +103,27 @@ type MeshConfigSpec struct {
 	// +kubebuilder:validation:XValidation:rule="self.all(r, self.exists_one(o, o.id == r.id))",message="remote cluster IDs must be unique"
 	// +optional
 	RemoteClusters []RemoteCluster `json:"remoteClusters,omitempty"`
+	// Policy configures how MeshPolicies apply.
+	// +kubebuilder:default={}
+	// +optional
+	Policy PolicyConfig `json:"policy,omitempty"`
+}
+
+// PolicyConfig configures how MeshPolicies apply on every node.
+type PolicyConfig struct {
+	// AllowHostToLocalPods lets traffic from a node's own addresses reach the pods on that
+	// node whatever their ingress policies say, so kubelet probes keep working under
+	// default-deny ingress (as Cilium and Calico do by default). False: a pod under ingress
+	// policy accepts its node's traffic only when a rule names the entity host.
+	// Default true.
+	// +kubebuilder:default=true
+	// +optional
+	AllowHostToLocalPods *bool `json:"allowHostToLocalPods,omitempty"`
+}
+
+// HostToLocalPodsAllowed reports AllowHostToLocalPods, unset meaning true (the default).
+func (p PolicyConfig) HostToLocalPodsAllowed() bool {
+	return p.AllowHostToLocalPods == nil || *p.AllowHostToLocalPods
 }
 
 // ClusterSpec names a cluster.

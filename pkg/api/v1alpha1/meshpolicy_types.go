@@ -91,10 +91,11 @@ type PolicyRule struct {
 	Ports []PolicyPort `json:"ports,omitempty"`
 }
 
-// PolicyPeer selects workloads by labels and namespace (and, with the cluster mesh, cluster).
-// Both selectors set means pods matching podSelector in namespaces matching
-// namespaceSelector; only podSelector means the policy's own namespace.
-// +kubebuilder:validation:XValidation:rule="has(self.podSelector) || has(self.namespaceSelector)",message="a peer needs a podSelector or a namespaceSelector"
+// PolicyPeer is the other end of a rule: exactly one of workloads selected by labels and
+// namespace (and, with the cluster mesh, cluster), entities, or an IP block. Both selectors
+// set means pods matching podSelector in namespaces matching namespaceSelector; only
+// podSelector means the policy's own namespace.
+// +kubebuilder:validation:XValidation:rule="[has(self.podSelector) || has(self.namespaceSelector), has(self.entities), has(self.ipBlock)].filter(k, k).size() == 1",message="a peer is exactly one of: podSelector and/or namespaceSelector, entities, ipBlock"
 type PolicyPeer struct {
 	// PodSelector selects pods by their labels.
 	// +optional
@@ -102,6 +103,57 @@ type PolicyPeer struct {
 	// NamespaceSelector selects namespaces by their labels.
 	// +optional
 	NamespaceSelector *metav1.LabelSelector `json:"namespaceSelector,omitempty"`
+	// Entities name endpoints that labels cannot select: host (this node: kubelet probes,
+	// hostNetwork pods), remote-node (the other nodes of the cluster), world (every address
+	// that is not a known pod or node, which includes every ipBlock), cluster (every pod of
+	// this cluster), all (any peer at all).
+	// +kubebuilder:validation:MinItems=1
+	// +kubebuilder:validation:MaxItems=5
+	// +listType=set
+	// +optional
+	Entities []Entity `json:"entities,omitempty"`
+	// IPBlock selects addresses by CIDR, with exceptions, as Kubernetes NetworkPolicy's
+	// ipBlock: meant for addresses outside the cluster; pod and node addresses keep their own
+	// identities and are selected by selectors and entities.
+	// +optional
+	IPBlock *IPBlock `json:"ipBlock,omitempty"`
+}
+
+// Entity names a group of endpoints that labels cannot select.
+// +kubebuilder:validation:Enum=host;remote-node;world;cluster;all
+type Entity string
+
+// The entities.
+const (
+	// EntityHost is the node the selected pod runs on (reserved identity host).
+	EntityHost Entity = "host"
+	// EntityRemoteNode is any other node of the cluster (reserved identity remote-node).
+	EntityRemoteNode Entity = "remote-node"
+	// EntityWorld is any address that is not a known pod or node: reserved identity world
+	// and every ipBlock's addresses.
+	EntityWorld Entity = "world"
+	// EntityCluster is every pod of this cluster.
+	EntityCluster Entity = "cluster"
+	// EntityAll is any peer.
+	EntityAll Entity = "all"
+)
+
+// IPBlock is a CIDR and the parts of it that are excluded.
+// +kubebuilder:validation:XValidation:rule="!has(self.except) || !isCIDR(self.cidr) || self.except.all(e, !isCIDR(e) || (cidr(self.cidr).containsCIDR(e) && cidr(e).prefixLength() > cidr(self.cidr).prefixLength()))",message="ipBlock.except: every entry must be a CIDR strictly inside ipBlock.cidr",fieldPath=".except"
+type IPBlock struct {
+	// CIDR is an IPv4 or IPv6 block, such as 192.0.2.0/24 or 2001:db8::/32, host bits
+	// clear.
+	// +kubebuilder:validation:MaxLength=64
+	// +kubebuilder:validation:XValidation:rule="isCIDR(self)",message="ipBlock.cidr must be a CIDR such as 192.0.2.0/24 or 2001:db8::/32"
+	// +kubebuilder:validation:XValidation:rule="!isCIDR(self) || cidr(self) == cidr(self).masked()",message="ipBlock.cidr must not have host bits set"
+	CIDR string `json:"cidr"`
+	// Except are CIDRs strictly inside CIDR that the block does not select.
+	// +kubebuilder:validation:MaxItems=32
+	// +kubebuilder:validation:items:MaxLength=64
+	// +kubebuilder:validation:items:XValidation:rule="isCIDR(self)",message="ipBlock.except entries must be CIDRs such as 192.0.2.128/25"
+	// +kubebuilder:validation:items:XValidation:rule="!isCIDR(self) || cidr(self) == cidr(self).masked()",message="ipBlock.except entries must not have host bits set"
+	// +optional
+	Except []string `json:"except,omitempty"`
 }
 
 // PolicyPort is a destination port and protocol.
