@@ -367,3 +367,90 @@ func addExternal(sw *netenv.NS, n *cluster.Node, fams []outsiders) error {
 	}
 	return nil
 }
+
+// TestPolicyBlockStrict: an ipBlock inside a remote node's pod CIDR keeps that CIDR's
+// cross-node flags in the ipcache, so strict mode still applies to it: to a node whose tunnel
+// is not ready, traffic the block allows is dropped as not encryptable (drop_not_encrypted),
+// never sent in clear, and never passed to the routes as if it were outside the cluster.
+func TestPolicyBlockStrict(t *testing.T) {
+	c := cluster.StartT(t, cluster.Options{Backend: string(wgBackend)})
+	ctx := context.Background()
+	n1, err := c.AddNode(ctx, "n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.AddNode(ctx, "n2"); err != nil {
+		t.Fatal(err)
+	}
+	p1, err := c.AddPodLabels(ctx, n1, "p1", map[string]string{"app": "client"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := c.Run(ctx, "meshcrypt", "encryption", "enable", "--mode", "wireguard", "--strict", "--wait", "--timeout", "1m"); err != nil {
+		t.Fatal(err, out)
+	}
+	// n3 joins without an agent: no tunnel to it, ever, in this test.
+	n3, err := c.AddNodeWithoutAgent(ctx, "n3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cidr netip.Prefix
+	for _, p := range n3.PodCIDRs {
+		if p.Addr().Is4() {
+			cidr = p
+		}
+	}
+	// An address of n3's pod CIDR that no pod holds, and a block around it inside the CIDR.
+	a := cidr.Addr().As4()
+	a[3] = 99
+	dst := netip.AddrFrom4(a)
+	block, _ := dst.Prefix(cidr.Bits() + 1)
+	m := newMarker(t)
+	send := func() {
+		conn, err := p1.NS.DialUDP(net.JoinHostPort(dst.String(), "7320"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		for range 5 {
+			_, _ = conn.Write(m)
+		}
+	}
+	// Egress default-deny on p1: first without the block (a positive control: denied by
+	// policy), then with it.
+	pol := &v1alpha1.MeshPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "client-out"},
+		Spec: v1alpha1.MeshPolicySpec{
+			EndpointSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "client"}},
+			PolicyTypes:      []v1alpha1.PolicyType{v1alpha1.PolicyTypeEgress},
+		},
+	}
+	if err := c.Client.Create(ctx, pol); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "default-deny egress: denied_egress counted", func() bool {
+		before := reasonCount(t, c, "n1", reasonDeniedEgress)
+		send()
+		return reasonCount(t, c, "n1", reasonDeniedEgress) > before
+	})
+	patch := client.MergeFrom(pol.DeepCopy())
+	pol.Spec.Egress = []v1alpha1.PolicyRule{{Peers: []v1alpha1.PolicyPeer{{IPBlock: &v1alpha1.IPBlock{CIDR: block.String()}}}}}
+	if err := c.Client.Patch(ctx, pol, patch); err != nil {
+		t.Fatal(err)
+	}
+	cp := capture(t, c, m)
+	const dropNotEncrypted = 3
+	eventually(t, "ipBlock "+block.String()+" inside n3's pod CIDR allowed: dropped as not encryptable", func() bool {
+		before := reasonCount(t, c, "n1", dropNotEncrypted)
+		send()
+		return reasonCount(t, c, "n1", dropNotEncrypted) >= before+5
+	})
+	before := reasonCount(t, c, "n1", reasonDeniedEgress)
+	send()
+	if d := reasonCount(t, c, "n1", reasonDeniedEgress) - before; d != 0 {
+		t.Errorf("%d packets to %s denied by policy, want them allowed by the block", d, dst)
+	}
+	if got := cp.Count(m); got != 0 {
+		t.Errorf("traffic to n3's pod CIDR left in clear %d times", got)
+	}
+}
