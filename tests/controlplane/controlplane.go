@@ -424,6 +424,9 @@ func (cp *ControlPlane) apiServerArgs() []string {
 	if cp.kubelets {
 		args = append(args,
 			"--authorization-mode=Node,RBAC",
+			// Also what the API server publishes in kube-system/extension-apiserver-
+			// authentication, which the controller manager and scheduler wait for.
+			"--client-ca-file="+cp.path(caCertFile),
 			// exec, logs and port-forward reach the kubelet at its node IP, not by a name
 			// that no DNS here resolves.
 			"--kubelet-preferred-address-types=InternalIP",
