@@ -51,7 +51,7 @@ test-e2e: ## end-to-end: agents on netns nodes, traffic with a marker, underlay 
 	$(GOTEST) -timeout 15m -v ./tests/e2e/ 2>&1 | grep -Ev '^\s+cluster.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
 
 test-k8s: build ## a real cluster (kubelets, containerd, ptp and bridge CNI, kube-proxy): the install manifest applied unchanged, WireGuard on, marker absent from the underlay between kubelet-made pods (present with Disabled)
-	$(GOTEST) -timeout 10m -v ./tests/k8s/ 2>&1 | grep -Ev '^\s+(install_test|cluster)\.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
+	$(GOTEST) -timeout 10m -v ./tests/k8s/ 2>&1 | grep -Ev '^\s+helpers_test\.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
 
 test-vm: ## the kernel suite in a qemu VM (Debian cloud kernel 6.1: kernel WireGuard, ESP, legacy tc) and the e2e suites there (WireGuard, IPsec, policy, faults)
 	$(GOTEST) -timeout 20m -v ./tests/vm/ 2>&1 | grep -Ev '^\s+(cluster|harness)\.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}

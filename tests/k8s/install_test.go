@@ -70,9 +70,9 @@ func TestInstall(t *testing.T) {
 		t.Fatal("want nodes ptp-1 and bridge-1")
 	}
 
-	// Install exactly as the manifest's header says a user installs it.
+	// Install exactly as a user would: kubectl apply of the unchanged manifest.
 	t1 := time.Now()
-	if out, err := c.Kubectl(ctx, "apply", "--server-side", "-f", manifest); err != nil {
+	if out, err := c.Kubectl(ctx, "apply", "-f", manifest); err != nil {
 		t.Fatal(err)
 	} else {
 		t.Logf("kubectl apply:\n%s", bytes.TrimSpace(out))
