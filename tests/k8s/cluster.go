@@ -216,7 +216,7 @@ func (c *Cluster) start(ctx context.Context) error {
 		return err
 	}
 	c.topo, err = netenv.New(ctx, netenv.Options{
-		Prefix:      "k8s" + c.id[len(c.id)-5:],
+		Prefix:      netnsPrefix(c.id),
 		UnderlayV4:  underlay,
 		IPv4Only:    true,
 		NoPodRoutes: true,
@@ -272,7 +272,7 @@ func (c *Cluster) start(ctx context.Context) error {
 		}
 		n := &Node{Name: spec.Name, CNI: spec.CNI, IP: nn.UnderlayV4, NS: nn.NS,
 			dir: filepath.Join(c.dir, "nodes", spec.Name), mnt: filepath.Join(mnt, spec.Name),
-			cgroup: "mck8s-" + c.id + "-" + spec.Name}
+			cgroup: cgroupPrefix(c.id) + spec.Name}
 		c.Nodes[i] = n
 		g.Go(func() error {
 			if err := c.startNode(gctx, n, images); err != nil {
@@ -390,7 +390,7 @@ func (c *Cluster) connectRoot(underlay netip.Prefix) error {
 		return fmt.Errorf("open %s: %w", sw.Path, err)
 	}
 	defer fd.Close()
-	c.rootIf = "mck" + c.id[len(c.id)-5:]
+	c.rootIf = rootVeth(c.id)
 	peer := "p0-root"
 	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: c.rootIf}, PeerName: peer, PeerNamespace: netlink.NsFd(fd)}
 	if err := netlink.LinkAdd(veth); err != nil {
@@ -770,7 +770,7 @@ func (c *Cluster) MemoryRSS() uint64 {
 		cmdline, _ := os.ReadFile("/proc/" + pid + "/cmdline")
 		cg, _ := os.ReadFile("/proc/" + pid + "/cgroup")
 		ours := mentions(cmdline, c.dir) || (c.CP != nil && mentions(cmdline, c.CP.Dir())) ||
-			bytes.Contains(cg, []byte("/mck8s-"+c.id+"-"))
+			bytes.Contains(cg, []byte("/"+cgroupPrefix(c.id)))
 		if !ours {
 			continue
 		}
@@ -785,3 +785,9 @@ func (c *Cluster) MemoryRSS() uint64 {
 	}
 	return total
 }
+
+// Names derived from a cluster's ID (its directory's suffix), which CleanupStale and Leftovers
+// find again.
+func netnsPrefix(id string) string  { return "k8s" + id[len(id)-5:] }
+func rootVeth(id string) string     { return "mck" + id[len(id)-5:] }
+func cgroupPrefix(id string) string { return "mck8s-" + id + "-" }

@@ -58,7 +58,10 @@ func TestInstall(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
 
 	t0 := time.Now()
+	var dir string
+	t.Cleanup(func() { checkNothingLeft(t, dir) }) // runs after the cluster's Close
 	c := k8s.StartT(t, k8s.Options{Images: []k8s.Image{k8s.AgentImage(ref, bins)}, Logger: log})
+	dir = c.Dir()
 	t.Logf("FIGURE cluster up (control plane, %d nodes Ready): %v", len(c.Nodes), time.Since(t0).Round(time.Millisecond))
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -368,4 +371,16 @@ func moduleRoot(t *testing.T) string {
 	}
 	t.Fatal("no go.mod above the working directory")
 	return ""
+}
+
+// checkNothingLeft fails the test if anything of the cluster whose directory was dir is left on
+// the machine.
+func checkNothingLeft(t *testing.T, dir string) {
+	t.Helper()
+	if dir == "" {
+		return
+	}
+	if left := k8s.Leftovers(dir); len(left) > 0 {
+		t.Errorf("left behind by the cluster in %s:\n%s", dir, strings.Join(left, "\n"))
+	}
 }

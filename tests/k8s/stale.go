@@ -94,7 +94,7 @@ func CleanupStale(ctx context.Context, log *slog.Logger) error {
 		if hs, err := cgroupHierarchies(); err == nil {
 			seen := map[string]bool{}
 			for _, h := range hs {
-				cgs, _ := filepath.Glob(filepath.Join(h, "mck8s-"+id+"-*"))
+				cgs, _ := filepath.Glob(filepath.Join(h, cgroupPrefix(id)+"*"))
 				for _, cg := range cgs {
 					if name := filepath.Base(cg); !seen[name] {
 						seen[name] = true
@@ -116,7 +116,7 @@ func CleanupStale(ctx context.Context, log *slog.Logger) error {
 			_ = syscall.Unmount(m, syscall.MNT_DETACH)
 		}
 		if len(id) >= 5 {
-			if l, err := netlink.LinkByName("mck" + id[len(id)-5:]); err == nil {
+			if l, err := netlink.LinkByName(rootVeth(id)); err == nil {
 				errs = append(errs, netlink.LinkDel(l))
 			}
 		}
@@ -206,4 +206,55 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	case <-t.C:
 		return nil
 	}
+}
+
+// Dir returns the cluster's directory (os.TempDir()/meshcrypt-k8s-*). Close removes it.
+func (c *Cluster) Dir() string { return c.dir }
+
+// Leftovers lists what remains on this machine of the cluster whose directory is dir: the
+// directory, processes naming it or in its cgroups, its cgroups, mounts, network namespaces
+// and root-namespace veth. After Close (or CleanupStale of a killed run) it is empty.
+func Leftovers(dir string) []string {
+	var out []string
+	id := strings.TrimPrefix(filepath.Base(dir), DirPrefix)
+	if _, err := os.Stat(dir); err == nil {
+		out = append(out, "directory "+dir)
+	}
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() || zombie(pid) {
+			continue
+		}
+		cmdline, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		cg, _ := os.ReadFile("/proc/" + e.Name() + "/cgroup")
+		if mentions(cmdline, dir) || bytes.Contains(cg, []byte("/"+cgroupPrefix(id))) {
+			out = append(out, fmt.Sprintf("process %d (%s)", pid, bytes.ReplaceAll(bytes.TrimRight(cmdline, "\x00"), []byte{0}, []byte{' '})))
+		}
+	}
+	if hs, err := cgroupHierarchies(); err == nil {
+		for _, h := range hs {
+			cgs, _ := filepath.Glob(filepath.Join(h, cgroupPrefix(id)+"*"))
+			for _, cg := range cgs {
+				out = append(out, "cgroup "+cg)
+			}
+		}
+	}
+	if mi, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
+		for _, l := range strings.Split(string(mi), "\n") {
+			if strings.Contains(l, dir) {
+				out = append(out, "mount "+l)
+			}
+		}
+	}
+	if len(id) >= 5 {
+		ns, _ := filepath.Glob(filepath.Join("/run/netns", netnsPrefix(id)+"-*"))
+		for _, n := range ns {
+			out = append(out, "netns "+n)
+		}
+		if _, err := netlink.LinkByName(rootVeth(id)); err == nil {
+			out = append(out, "veth "+rootVeth(id))
+		}
+	}
+	return out
 }
