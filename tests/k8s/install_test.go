@@ -44,8 +44,9 @@ const installManifest = "manifests/install/meshcrypt.yaml"
 // TestInstall installs meshcrypt on a real cluster exactly as a user would, from the
 // unchanged install manifest and the image built from this repository, and proves the
 // encryption on the wire with pods the kubelets made: a ptp node's pod and a bridge node's
-// pod exchange a marker over TCP, both ways; the underlay capture must not show it with
-// WireGuard and must show it with mode Disabled (the positive control).
+// pod exchange a marker over TCP, both ways, and the ptp pod through a ClusterIP Service
+// (kube-proxy) with the bridge pod; the underlay capture must not show the marker with
+// WireGuard and must show every copy of it with mode Disabled (the positive control).
 func TestInstall(t *testing.T) {
 	ctx := t.Context()
 	root := moduleRoot(t)
@@ -115,8 +116,18 @@ func TestInstall(t *testing.T) {
 		}
 	}
 
+	// A ClusterIP Service in front of the bridge node's pod: the ptp node's kube-proxy
+	// translates it, and the translated packets must take the tunnel like any other.
+	svcIP := startService(t, c, podB)
+	t.Logf("service echo-bridge: %s -> %s", svcIP, podB.Status.PodIP)
+	flows := []flow{
+		{ptp, podA, net.JoinHostPort(podB.Status.PodIP, "7000")},
+		{bridge, podB, net.JoinHostPort(podA.Status.PodIP, "7000")},
+		{ptp, podA, net.JoinHostPort(svcIP, "7000")},
+	}
+
 	t.Run("WireGuard", func(t *testing.T) {
-		frames, markers, wg := exchangeUnderCapture(t, c, ptp, podA, bridge, podB)
+		frames, markers, wg := exchangeUnderCapture(t, c, flows)
 		t.Logf("underlay: %d frames, %d WireGuard (udp/%d), marker in clear in %d", frames, wg, wireguardPort, markers)
 		if markers != 0 {
 			t.Errorf("marker seen in clear on the underlay in %d frames with WireGuard on", markers)
@@ -127,22 +138,29 @@ func TestInstall(t *testing.T) {
 	})
 	cli("encryption", "disable", "--wait")
 	t.Run("DisabledPositiveControl", func(t *testing.T) {
-		frames, markers, wg := exchangeUnderCapture(t, c, ptp, podA, bridge, podB)
+		frames, markers, wg := exchangeUnderCapture(t, c, flows)
 		t.Logf("underlay: %d frames, %d WireGuard (udp/%d), marker in clear in %d", frames, wg, wireguardPort, markers)
-		// Every exchange carries the marker four times on the wire (request and echo, each
-		// way once): all must be seen, or the capture misses frames and the WireGuard
-		// subtest proves nothing.
-		if want := 2 * exchangesPerWay * 2; markers < want {
+		// Every exchange carries the marker twice on the wire (request and echo): all must be
+		// seen, or the capture misses frames and the WireGuard subtest proves nothing.
+		if want := len(flows) * exchangesPerWay * 2; markers < want {
 			t.Errorf("marker seen in clear in %d frames with encryption disabled, want at least %d: the capture does not see the pod traffic", markers, want)
 		}
 	})
 	t.Logf("FIGURE test total: %v", time.Since(t0).Round(time.Millisecond))
 }
 
-// exchangeUnderCapture captures the underlay while each of the two pods asks the other, over
-// TCP, to echo a fresh marker, exchangesPerWay times each way. It returns the frames seen, the
-// frames carrying the marker and the WireGuard frames.
-func exchangeUnderCapture(t *testing.T, c *k8s.Cluster, nodeA *k8s.Node, podA *corev1.Pod, nodeB *k8s.Node, podB *corev1.Pod) (frames, markers, wg int) {
+// flow is one direction of the test traffic: a pod (on node) asks to exchange a marker with
+// an address (another pod, or a Service).
+type flow struct {
+	node *k8s.Node
+	from *corev1.Pod
+	to   string
+}
+
+// exchangeUnderCapture captures the underlay while, exchangesPerWay times for each flow, the
+// flow's pod exchanges a fresh marker over TCP with the flow's address. It returns the frames
+// seen, the frames carrying the marker and the WireGuard frames.
+func exchangeUnderCapture(t *testing.T, c *k8s.Cluster, flows []flow) (frames, markers, wg int) {
 	t.Helper()
 	var b [8]byte
 	if _, err := rand.Read(b[:]); err != nil {
@@ -155,12 +173,9 @@ func exchangeUnderCapture(t *testing.T, c *k8s.Cluster, nodeA *k8s.Node, podA *c
 	}
 	defer capt.Stop()
 	for i := range exchangesPerWay {
-		for _, dir := range []struct {
-			node     *k8s.Node
-			from, to *corev1.Pod
-		}{{nodeA, podA, podB}, {nodeB, podB, podA}} {
-			if err := dialVia(t.Context(), dir.node, dir.from, dir.to, marker); err != nil {
-				t.Fatalf("exchange %d %s -> %s: %v", i, dir.from.Name, dir.to.Name, err)
+		for _, f := range flows {
+			if err := dialVia(t.Context(), f.node, f.from, f.to, marker); err != nil {
+				t.Fatalf("exchange %d %s -> %s: %v", i, f.from.Name, f.to, err)
 			}
 		}
 	}
@@ -174,10 +189,45 @@ func exchangeUnderCapture(t *testing.T, c *k8s.Cluster, nodeA *k8s.Node, podA *c
 	return st.Frames, capt.Count(marker), capt.UDPFrames(wireguardPort)
 }
 
+// startService creates a ClusterIP Service for pod's TCP echo port and waits until pods can
+// use it (kube-proxy has programmed it): it returns the cluster IP.
+func startService(t *testing.T, c *k8s.Cluster, pod *corev1.Pod) string {
+	t.Helper()
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: pod.Name, Namespace: "default"},
+		Spec: corev1.ServiceSpec{
+			Selector: map[string]string{"echo": pod.Name},
+			Ports:    []corev1.ServicePort{{Name: "tcp", Port: 7000, TargetPort: intstrFromInt(7000), Protocol: corev1.ProtocolTCP}},
+		},
+	}
+	got, err := c.Client.CoreV1().Services("default").Create(t.Context(), svc, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("create service: %v", err)
+	}
+	ip := got.Spec.ClusterIP
+	// Through every node's kube-proxy: from a pod on each node.
+	pods, err := c.Client.CoreV1().Pods("default").List(t.Context(), metav1.ListOptions{LabelSelector: "app=echo"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range pods.Items {
+		p := &pods.Items[i]
+		var last error
+		err := wait.PollUntilContextTimeout(t.Context(), 250*time.Millisecond, podsReadyTimeout, true, func(ctx context.Context) (bool, error) {
+			last = dialVia(ctx, c.Node(p.Spec.NodeName), p, net.JoinHostPort(ip, "7000"), []byte("service-probe"))
+			return last == nil, nil
+		})
+		if err != nil {
+			t.Fatalf("service %s (%s) from pod %s (%v): %v", svc.Name, ip, p.Name, last, err)
+		}
+	}
+	return ip
+}
+
 // dialVia asks pod from (through its /dial endpoint, from its own node's namespace, so the
-// request never crosses the underlay) to send payload to pod to's TCP echo port and checks
+// request never crosses the underlay) to send payload to the TCP echo server at to and checks
 // that the echo came back unchanged.
-func dialVia(ctx context.Context, node *k8s.Node, from, to *corev1.Pod, payload []byte) error {
+func dialVia(ctx context.Context, node *k8s.Node, from *corev1.Pod, to string, payload []byte) error {
 	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	client := &http.Client{Transport: &http.Transport{
@@ -187,7 +237,7 @@ func dialVia(ctx context.Context, node *k8s.Node, from, to *corev1.Pod, payload 
 		DisableKeepAlives: true,
 	}}
 	url := fmt.Sprintf("http://%s/dial?addr=%s&hex=%s",
-		net.JoinHostPort(from.Status.PodIP, "8080"), net.JoinHostPort(to.Status.PodIP, "7000"), hex.EncodeToString(payload))
+		net.JoinHostPort(from.Status.PodIP, "8080"), to, hex.EncodeToString(payload))
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return err
@@ -217,7 +267,7 @@ func startEchoPod(t *testing.T, c *k8s.Cluster, name, node string) *corev1.Pod {
 		PeriodSeconds: 1,
 	}
 	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default", Labels: map[string]string{"app": "echo"}},
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default", Labels: map[string]string{"app": "echo", "echo": name}},
 		Spec: corev1.PodSpec{
 			NodeSelector:                  map[string]string{"kubernetes.io/hostname": node},
 			TerminationGracePeriodSeconds: new(int64),
