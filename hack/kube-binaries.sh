@@ -28,9 +28,19 @@ dep() {
 }
 
 print() { for n in "${names[@]}"; do echo "$cache/$n-v$version"; done; }
+# reports NAME: the version a cached binary reports (one built without the ldflags, as earlier
+# versions of this script did, says v0.0.0-master and is rebuilt).
+reports() {
+  case "$1" in
+    kubectl) "$cache/$1-v$version" version --client 2>/dev/null | head -1 ;;
+    *) "$cache/$1-v$version" --version 2>/dev/null ;;
+  esac
+}
 missing() {
   local n
-  for n in "${names[@]}"; do [ -x "$cache/$n-v$version" ] || echo "$n"; done
+  for n in "${names[@]}"; do
+    if [ ! -x "$cache/$n-v$version" ] || ! reports "$n" | grep -qF "v$version"; then echo "$n"; fi
+  done
 }
 if [ -z "$(missing)" ]; then print; exit 0; fi
 
