@@ -9,7 +9,7 @@ export MESHCRYPT_BIN_DIR := $(BIN)
 export CGO_ENABLED ?= 0
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build generate lint test test-unit test-api test-harness test-e2e test-vm demo bench clean cleanup
+.PHONY: help deps build generate lint test test-unit test-api test-harness test-e2e test-k8s test-vm demo bench clean cleanup
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,7 +35,7 @@ lint: ## gofmt, go vet, staticcheck, and generated code up to date
 
 test: deps build lint ## every test tier in order (needs root: netns, WireGuard devices); cleans up even on failure
 	@$(GO) run ./tests/cleanup
-	@$(MAKE) --no-print-directory test-unit test-api test-harness test-e2e test-vm; rc=$$?; \
+	@$(MAKE) --no-print-directory test-unit test-api test-harness test-e2e test-k8s test-vm; rc=$$?; \
 	  $(GO) run ./tests/cleanup; exit $$rc
 
 test-unit: ## unit and privileged package tests (pure logic, netns, routes, userspace WireGuard)
@@ -49,6 +49,9 @@ test-harness: ## the network-namespace harness itself
 
 test-e2e: ## end-to-end: agents on netns nodes, traffic with a marker, underlay capture
 	$(GOTEST) -timeout 25m -v ./tests/e2e/ 2>&1 | grep -Ev '^\s+cluster.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
+
+test-k8s: build ## a real cluster (kubelets, containerd, ptp and bridge CNI, kube-proxy): the install manifest applied unchanged, WireGuard on, marker absent from the underlay between kubelet-made pods (present with Disabled)
+	$(GOTEST) -timeout 10m -v ./tests/k8s/ 2>&1 | grep -Ev '^\s+helpers_test\.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
 
 test-vm: ## the kernel suite in a qemu VM (Debian cloud kernel 6.1: kernel WireGuard, ESP, legacy tc) and the e2e suites there (WireGuard, IPsec, policy, faults)
 	$(GOTEST) -timeout 30m -v ./tests/vm/ 2>&1 | grep -Ev '^\s+(cluster|harness)\.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}

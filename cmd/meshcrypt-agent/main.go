@@ -140,7 +140,32 @@ func newRootCmd() *cobra.Command {
 	f.StringVar(&opts.Namespace, "namespace", envOr("POD_NAMESPACE", "meshcrypt"), "the agent's namespace: identity GC lease and IPsec keyring Secret (default $POD_NAMESPACE, else meshcrypt)")
 	f.StringVar(&opts.FIPSPath, "fips-path", "/proc/sys/crypto/fips_enabled", "file holding the kernel's FIPS flag (1: refuse WireGuard and unapproved IPsec keys)")
 	f.BoolVar(&opts.NoHealthEndpoint, "no-health-endpoint", false, "put no health endpoint (the highest address but one of each pod CIDR) on lo; meshcrypt verify then fails for this node")
-	cmd.AddCommand(newDeviceCmd(&lf))
+	cmd.AddCommand(newDeviceCmd(&lf), newMountBPFFSCmd())
+	return cmd
+}
+
+// newMountBPFFSCmd is the DaemonSet's init container: a bpffs on the host's /sys/fs/bpf, for
+// hosts that do not mount one at boot.
+func newMountBPFFSCmd() *cobra.Command {
+	var path string
+	cmd := &cobra.Command{
+		Use:   "mount-bpffs",
+		Short: "mount a bpffs at --path unless one is there (the DaemonSet's init container)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			mounted, err := datapath.MountBPFFS(path)
+			if err != nil {
+				return err
+			}
+			if mounted {
+				fmt.Fprintf(cmd.OutOrStdout(), "mounted bpffs on %s\n", path)
+			} else {
+				fmt.Fprintf(cmd.OutOrStdout(), "%s is a bpffs already\n", path)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&path, "path", "/sys/fs/bpf", "directory to mount bpffs on")
 	return cmd
 }
 

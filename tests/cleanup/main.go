@@ -1,6 +1,7 @@
 // Command cleanup removes what a killed test run left behind: network namespaces of test
 // topologies whose owner process is gone (with every process inside them: agents, userspace
-// WireGuard devices) and control planes (etcd, kube-apiserver) of dead owners. `make test`
+// WireGuard devices), real clusters (tests/k8s: containerd, kubelets, pods, mount namespaces,
+// cgroups) and control planes (etcd, kube-apiserver) of dead owners. `make test`
 // runs it before and after the suites, so a failing or timed-out run leaves nothing behind.
 package main
 
@@ -14,6 +15,7 @@ import (
 
 	"github.com/meshcrypt/meshcrypt/tests/cluster"
 	"github.com/meshcrypt/meshcrypt/tests/controlplane"
+	"github.com/meshcrypt/meshcrypt/tests/k8s"
 	"github.com/meshcrypt/meshcrypt/tests/netenv"
 	"github.com/meshcrypt/meshcrypt/tests/vm"
 )
@@ -22,6 +24,11 @@ func main() {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	// Real clusters first: their pods' processes live in no namespace netenv knows, and their
+	// mount namespaces and cgroups outlive the network namespaces.
+	if err := k8s.CleanupStale(ctx, log); err != nil {
+		fmt.Fprintln(os.Stderr, "cleanup: k8s clusters:", err)
+	}
 	removed, err := netenv.CleanupStale(ctx, log)
 	if len(removed) > 0 {
 		fmt.Fprintf(os.Stderr, "cleanup: removed stale namespaces %v\n", removed)

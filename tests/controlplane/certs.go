@@ -34,9 +34,10 @@ const (
 	certBackdating = time.Hour
 )
 
-// writeCerts generates a CA, a serving certificate for 127.0.0.1/localhost signed by it and the
-// service-account signing key pair, writes them into dir and returns the CA certificate (PEM).
-func writeCerts(dir string) ([]byte, error) {
+// writeCerts generates a CA, a serving certificate for 127.0.0.1/localhost (and the extra IPs)
+// signed by it and the service-account signing key pair, writes them into dir and returns the
+// CA certificate (PEM).
+func writeCerts(dir string, extraIPs ...net.IP) ([]byte, error) {
 	now := time.Now()
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -71,7 +72,7 @@ func writeCerts(dir string) ([]byte, error) {
 		NotAfter:     now.Add(certValidity),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+		IPAddresses:  append([]net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}, extraIPs...),
 		DNSNames: []string{
 			"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
 			"kubernetes.default.svc.cluster.local",

@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -33,6 +35,10 @@ const ServiceAccountIssuer = "https://kubernetes.default.svc.cluster.local"
 
 // ServiceClusterIPRange is the API server's --service-cluster-ip-range.
 const ServiceClusterIPRange = "10.96.0.0/12"
+
+// KubernetesServiceIP is the cluster IP of the "kubernetes" Service: the first address of
+// ServiceClusterIPRange.
+var KubernetesServiceIP = netip.MustParseAddr("10.96.0.1")
 
 // Timeouts and retries; each wait is also bounded by the caller's context.
 const (
@@ -65,6 +71,16 @@ type Options struct {
 	APIServerArgs []string
 	// Logger receives progress messages; nil discards them.
 	Logger *slog.Logger
+	// Address is the IP the API server binds to and advertises (the endpoint of the
+	// "kubernetes" Service); it joins the serving certificate's addresses. The zero value means
+	// 127.0.0.1.
+	Address netip.Addr
+	// Kubelets configures the API server for a cluster with real kubelets and a controller
+	// manager (tests/k8s): the ServiceAccount admission plugin on, the Node authorizer before
+	// RBAC, the default endpoint reconciler publishing Address, kubelets reached by their
+	// InternalIP, and the first address of ServiceClusterIPRange (the in-cluster address of the
+	// "kubernetes" Service) in the serving certificate.
+	Kubelets bool
 }
 
 // ControlPlane is a running etcd and kube-apiserver on loopback. Its methods are safe for
@@ -75,6 +91,8 @@ type ControlPlane struct {
 	etcdBin    string
 	apiBin     string
 	extraArgs  []string
+	addr       netip.Addr
+	kubelets   bool
 	users      []User
 	caPEM      []byte
 	adminToken string
@@ -133,6 +151,8 @@ func Start(ctx context.Context, opts Options) (*ControlPlane, error) {
 		etcdBin:    etcdBin,
 		apiBin:     apiBin,
 		extraArgs:  append([]string(nil), opts.APIServerArgs...),
+		addr:       opts.Address,
+		kubelets:   opts.Kubelets,
 		users:      append([]User{{Name: AdminUser, Groups: []string{"system:masters"}}}, opts.Users...),
 		adminToken: tokens[AdminUser],
 		tokens:     tokens,
@@ -170,7 +190,14 @@ func (cp *ControlPlane) init(ctx context.Context) error {
 	if err := writeOwner(cp.dir); err != nil {
 		return err
 	}
-	ca, err := writeCerts(cp.dir)
+	var sans []net.IP
+	if cp.addr.IsValid() {
+		sans = append(sans, cp.addr.AsSlice())
+	}
+	if cp.kubelets {
+		sans = append(sans, KubernetesServiceIP.AsSlice())
+	}
+	ca, err := writeCerts(cp.dir, sans...)
 	if err != nil {
 		return err
 	}
@@ -194,8 +221,22 @@ func (cp *ControlPlane) path(name string) string { return filepath.Join(cp.dir, 
 // Dir returns the control plane's temporary directory. Stop removes it.
 func (cp *ControlPlane) Dir() string { return cp.dir }
 
-// URL returns the API server's URL, https://127.0.0.1:PORT. It does not change on restarts.
-func (cp *ControlPlane) URL() string { return "https://127.0.0.1:" + strconv.Itoa(cp.apiPort) }
+// URL returns the API server's URL, https://ADDRESS:PORT (Options.Address, 127.0.0.1 by
+// default). It does not change on restarts.
+func (cp *ControlPlane) URL() string {
+	return "https://" + net.JoinHostPort(cp.address().String(), strconv.Itoa(cp.apiPort))
+}
+
+// address is the API server's bind and advertise address.
+func (cp *ControlPlane) address() netip.Addr {
+	if cp.addr.IsValid() {
+		return cp.addr
+	}
+	return netip.AddrFrom4([4]byte{127, 0, 0, 1})
+}
+
+// Port returns the API server's port. It does not change on restarts.
+func (cp *ControlPlane) Port() int { return cp.apiPort }
 
 // EtcdURL returns etcd's client URL, http://127.0.0.1:PORT.
 func (cp *ControlPlane) EtcdURL() string {
@@ -361,10 +402,11 @@ func (cp *ControlPlane) etcdArgs() []string {
 }
 
 func (cp *ControlPlane) apiServerArgs() []string {
+	addr := cp.address().String()
 	args := []string{
 		"--etcd-servers=" + cp.EtcdURL(),
-		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
+		"--bind-address=" + addr,
+		"--advertise-address=" + addr,
 		"--secure-port=" + strconv.Itoa(cp.apiPort),
 		"--tls-cert-file=" + cp.path(servingCert),
 		"--tls-private-key-file=" + cp.path(servingKey),
@@ -375,17 +417,31 @@ func (cp *ControlPlane) apiServerArgs() []string {
 		"--service-account-issuer=" + ServiceAccountIssuer,
 		"--service-account-key-file=" + cp.path(saPubFile),
 		"--service-account-signing-key-file=" + cp.path(saKeyFile),
-		"--authorization-mode=RBAC",
 		"--service-cluster-ip-range=" + ServiceClusterIPRange,
-		// No controller manager creates default ServiceAccounts; with this plugin every Pod
-		// would need one.
-		"--disable-admission-plugins=ServiceAccount",
-		// The default reconciler publishes the advertise address as the endpoint of the
-		// "kubernetes" Service and fails, loudly, because 127.0.0.1 is loopback; nothing here
-		// routes Service IPs anyway.
-		"--endpoint-reconciler-type=none",
 		"--allow-privileged=true",
 		"--profiling=false",
+	}
+	if cp.kubelets {
+		args = append(args,
+			"--authorization-mode=Node,RBAC",
+			// Also what the API server publishes in kube-system/extension-apiserver-
+			// authentication, which the controller manager and scheduler wait for.
+			"--client-ca-file="+cp.path(caCertFile),
+			// exec, logs and port-forward reach the kubelet at its node IP, not by a name
+			// that no DNS here resolves.
+			"--kubelet-preferred-address-types=InternalIP",
+		)
+	} else {
+		args = append(args,
+			"--authorization-mode=RBAC",
+			// No controller manager creates default ServiceAccounts; with this plugin every
+			// Pod would need one.
+			"--disable-admission-plugins=ServiceAccount",
+			// The default reconciler publishes the advertise address as the endpoint of the
+			// "kubernetes" Service and fails, loudly, because 127.0.0.1 is loopback; nothing
+			// here routes Service IPs anyway.
+			"--endpoint-reconciler-type=none",
+		)
 	}
 	return append(args, cp.extraArgs...)
 }

@@ -9,6 +9,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/meshcrypt/meshcrypt/tests/k8s"
 )
 
 // instruction is one Dockerfile instruction, continuation lines joined.
@@ -233,4 +237,71 @@ func keys[V any](m map[string]V) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// TestDockerfileMatchesHarnessImage checks that the agent image the real-cluster tier builds
+// without a Docker engine (tests/k8s.AgentImage) is the image the Dockerfile describes: the
+// same binaries (by the package that builds them) at the same paths, the same entrypoint, the
+// same user (the Dockerfile sets none: distroless/static's default, root).
+func TestDockerfileMatchesHarnessImage(t *testing.T) {
+	data, err := os.ReadFile(path(t, "Dockerfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ins := parseDockerfile(t, string(data))
+	final := ""
+	for _, in := range ins {
+		if in.cmd == "FROM" {
+			final = in.stage
+		}
+	}
+	built := map[string]string{}    // build output path -> binary name
+	inDocker := map[string]string{} // path in the final image -> binary name
+	var entrypoint []string
+	user := "0"
+	for _, in := range ins {
+		switch {
+		case in.cmd == "RUN" && strings.Contains(in.args, "go build"):
+			out := regexp.MustCompile(`-o (\S+/)`).FindStringSubmatch(in.args)
+			if out == nil {
+				t.Fatalf("line %d: go build -o DIR/ expected", in.line)
+			}
+			for _, p := range regexp.MustCompile(`(?:^|\s)(\./\S+)`).FindAllStringSubmatch(in.args, -1) {
+				built[out[1]+filepath.Base(p[1])] = filepath.Base(p[1])
+			}
+		case in.cmd == "COPY" && in.stage == final:
+			_, words := flagsAndWords(in.args)
+			srcs, dst := words[:len(words)-1], words[len(words)-1]
+			for _, s := range srcs {
+				p := dst
+				if strings.HasSuffix(dst, "/") {
+					p = dst + filepath.Base(s)
+				}
+				inDocker[p] = built[s]
+			}
+		case in.cmd == "ENTRYPOINT":
+			if err := json.Unmarshal([]byte(in.args), &entrypoint); err != nil {
+				t.Fatalf("line %d: %v", in.line, err)
+			}
+		case in.cmd == "USER" && in.stage == final:
+			user = in.args
+		}
+	}
+	im := k8s.AgentImage("ghcr.io/meshcrypt/meshcrypt:test", "/nonexistent/bin")
+	inGo := map[string]string{}
+	for _, f := range im.Files {
+		inGo[f.Path] = filepath.Base(f.Source)
+		if f.Mode&0o111 == 0 {
+			t.Errorf("harness image: %s is not executable (mode %o)", f.Path, f.Mode)
+		}
+	}
+	if diff := cmp.Diff(inDocker, inGo); diff != "" {
+		t.Errorf("binaries by path: Dockerfile (-) and tests/k8s.AgentImage (+) differ:\n%s", diff)
+	}
+	if diff := cmp.Diff(entrypoint, im.Entrypoint); diff != "" {
+		t.Errorf("ENTRYPOINT: Dockerfile (-) and tests/k8s.AgentImage (+) differ:\n%s", diff)
+	}
+	if im.User != user {
+		t.Errorf("user: Dockerfile %q, tests/k8s.AgentImage %q", user, im.User)
+	}
 }

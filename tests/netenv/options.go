@@ -45,6 +45,10 @@ type Options struct {
 	// Logger receives debug records of what is created and deleted. Nil
 	// discards.
 	Logger *slog.Logger
+	// NoPodRoutes leaves routing of the nodes' pod CIDRs to the caller: AddNode
+	// adds no host-gateway routes for Node.PodCIDRs (tests/k8s routes the pod
+	// CIDRs the controller manager allocates). AddPod still works.
+	NoPodRoutes bool
 }
 
 // Limits of the addressing scheme: host numbers 10+i must fit in an IPv4

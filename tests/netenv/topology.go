@@ -339,6 +339,9 @@ func (t *Topology) buildNode(n *Node) error {
 		return fmt.Errorf("set %s up: %w", UnderlayIface, err)
 	}
 	for _, o := range t.nodes {
+		if t.opts.NoPodRoutes {
+			break
+		}
 		if err := routeHostGW(nh, n, o, true); err != nil {
 			return err
 		}
@@ -414,7 +417,7 @@ func (t *Topology) RemoveNode(ctx context.Context, name string) error {
 	}
 	var errs []error
 	for _, o := range t.nodes {
-		if o == n {
+		if o == n || t.opts.NoPodRoutes {
 			continue
 		}
 		oh, err := o.NS.Handle()
