@@ -319,6 +319,13 @@ func policyCheck(ctx context.Context, c client.Client, out io.Writer, req checkR
 			fmt.Fprintf(out, "  %s of %s: encryption required: dropped whenever the tunnel to the other node is not ready\n", side.name, side.ref)
 		}
 	}
+	// Policy allows connections (docs/datapath.md, "Connections"): say what follows for the
+	// rest of this one, so that nobody adds a rule for the replies.
+	if d.Allowed() {
+		fmt.Fprintf(out, "  connection: its replies (and ICMP errors about it) pass without a rule; a policy change that no longer allows it stops it at its next packet\n")
+	} else {
+		fmt.Fprintf(out, "  connection: never opened, so nothing answers it; a reply to a connection opened the other way is not judged by these rules\n")
+	}
 	return d.Allowed(), nil
 }
 

@@ -328,10 +328,12 @@ func TestCLI(t *testing.T) {
 		check(t, as("auditor", "policy", "check", "--from-ip", "192.0.2.7", "--to", "default/web", "--port", "80/TCP"), 0, []string{
 			"ALLOWED: 192.0.2.7 (ipBlock 192.0.2.0/24) (identity " + cidrID(t, "192.0.2.0/24", webIn) + ") -> default/web (identity 65792) 80/TCP\n",
 			"  ingress of default/web: allowed by default/web-in ingress[0]\n",
+			"  connection: its replies (and ICMP errors about it) pass without a rule",
 		}, nil)
 		check(t, as("auditor", "policy", "check", "--from-ip", "192.0.2.200", "--to", "default/web", "--port", "80/TCP"), 1, []string{
 			"DENIED: 192.0.2.200 (ipBlock 192.0.2.128/25) (identity " + cidrID(t, "192.0.2.128/25", webIn) + ") -> default/web",
 			"ingress of default/web: DENIED: default-deny (selected by default/web-in)",
+			"  connection: never opened",
 		}, nil)
 		check(t, as("auditor", "policy", "check", "--from-ip", "10.77.0.11", "--to", "default/web", "--port", "8080/TCP"), 0, []string{
 			"ALLOWED: 10.77.0.11 (node n1, host) (identity 1) -> default/web",
