@@ -268,7 +268,7 @@ func New(opts Options) (*Agent, error) {
 		trigger:  make(chan struct{}, 1),
 		attached: map[attachedLink]datapath.AttachMode{},
 	}
-	a.rec = metrics.New(metrics.Options{Source: a, XFRM: xfrmStats{}, Logger: a.log})
+	a.rec = metrics.New(metrics.Options{Source: a, XFRM: xfrmStats{}, Conntrack: a, Logger: a.log})
 	return a, nil
 }
 

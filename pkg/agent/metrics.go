@@ -99,6 +99,21 @@ func (a *Agent) Verdicts(context.Context) ([]metrics.Verdict, error) {
 	return out, nil
 }
 
+// Conntrack implements metrics.ConntrackSource: the classifier's connection table counters.
+func (a *Agent) Conntrack(context.Context) (metrics.Conntrack, bool, error) {
+	a.mu.Lock()
+	clf := a.clf
+	a.mu.Unlock()
+	if clf == nil {
+		return metrics.Conntrack{}, false, nil
+	}
+	st, err := clf.ConntrackStats()
+	if err != nil {
+		return metrics.Conntrack{}, false, err
+	}
+	return metrics.Conntrack{Created: st.Created, CreateFailed: st.CreateFailed, Rejudged: st.Rejudged, Capacity: clf.ConntrackCapacity()}, true, nil
+}
+
 // KeyAge implements metrics.Source: the age of the private key file.
 func (a *Agent) KeyAge() (time.Duration, bool) {
 	fi, err := os.Stat(filepath.Join(a.opts.StateDir, KeyFileName))

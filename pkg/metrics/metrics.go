@@ -33,6 +33,24 @@ type Source interface {
 	KeyAge() (age time.Duration, ok bool)
 }
 
+// ConntrackSource reads the policy classifier's connection table counters (docs/datapath.md,
+// "Connections"). Its method must be safe for concurrent use.
+type ConntrackSource interface {
+	// Conntrack returns the counters, summed over CPUs; ok is false before the classifier is
+	// loaded.
+	Conntrack(ctx context.Context) (c Conntrack, ok bool, err error)
+}
+
+// Conntrack is what the connection table counts.
+type Conntrack struct {
+	// Created connections were entered; CreateFailed first packets were allowed but could not
+	// be entered (their replies are judged on their own); Rejudged packets belonged to a
+	// connection judged at an older policy epoch and were judged again.
+	Created, CreateFailed, Rejudged uint64
+	// Capacity is the number of connections the table holds (an LRU).
+	Capacity int
+}
+
 // XFRMSource reads the kernel's XFRM (IPsec) error counters, one per /proc/net/xfrm_stat
 // field (the agent reads them with pkg/crypto/ipsec.ReadXfrmStat). Its method must be safe for
 // concurrent use.
@@ -75,6 +93,8 @@ type Options struct {
 	Source Source
 	// XFRM is read at every scrape; nil exports no XFRM metrics (WireGuard-only agents).
 	XFRM XFRMSource
+	// Conntrack is read at every scrape; nil exports no connection table metrics.
+	Conntrack ConntrackSource
 	// ScrapeTimeout bounds the Source and XFRM calls of one scrape; default
 	// DefaultScrapeTimeout.
 	ScrapeTimeout time.Duration
@@ -172,7 +192,7 @@ func New(opts Options) *Recorder {
 	errs := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: Namespace,
 		Name:      "metrics_source_errors_total",
-		Help:      "Scrapes in which reading the agent's state failed, by source (peers, verdicts, xfrm); those metrics were left out.",
+		Help:      "Scrapes in which reading the agent's state failed, by source (peers, verdicts, xfrm, conntrack); those metrics were left out.",
 	}, []string{"source"})
 	r.registry.MustRegister(
 		r.reconcile, r.rotations, r.mode, errs, r.configure, r.peerOps, r.nodeOps, r.routeOps,
@@ -188,6 +208,10 @@ func New(opts Options) *Recorder {
 	if opts.XFRM != nil {
 		errs.WithLabelValues(sourceXFRM)
 		r.registry.MustRegister(newXFRMCollector(opts, errs))
+	}
+	if opts.Conntrack != nil {
+		errs.WithLabelValues(sourceConntrack)
+		r.registry.MustRegister(newConntrackCollector(opts, errs))
 	}
 	return r
 }
@@ -259,9 +283,17 @@ func (r *Recorder) SetMode(mode string) {
 
 // Values of meshcrypt_metrics_source_errors_total's source label.
 const (
-	sourcePeers    = "peers"
-	sourceVerdicts = "verdicts"
-	sourceXFRM     = "xfrm"
+	sourcePeers     = "peers"
+	sourceVerdicts  = "verdicts"
+	sourceXFRM      = "xfrm"
+	sourceConntrack = "conntrack"
+)
+
+// Values of meshcrypt_policy_connections_total's event label.
+const (
+	ConnCreated      = "created"
+	ConnCreateFailed = "create_failed"
+	ConnRejudged     = "rejudged"
 )
 
 // Values of meshcrypt_peers's state label and meshcrypt_policy_verdict_*'s verdict label.
@@ -412,4 +444,49 @@ func (c *xfrmCollector) Collect(ch chan<- prometheus.Metric) {
 	for field, v := range stats {
 		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.CounterValue, float64(v), field)
 	}
+}
+
+// conntrackCollector reads a ConntrackSource at every scrape.
+type conntrackCollector struct {
+	src              ConntrackSource
+	timeout          time.Duration
+	log              *slog.Logger
+	errs             *prometheus.CounterVec
+	events, capacity *prometheus.Desc
+}
+
+func newConntrackCollector(opts Options, errs *prometheus.CounterVec) *conntrackCollector {
+	return &conntrackCollector{
+		src: opts.Conntrack, timeout: opts.ScrapeTimeout, log: opts.Logger, errs: errs,
+		events: prometheus.NewDesc(prometheus.BuildFQName(Namespace, "policy", "connections_total"),
+			"The policy classifier's connection table: connections entered (created), allowed first packets that could not be entered (create_failed), packets of a connection judged again after a policy or ipcache change (rejudged).",
+			[]string{"event"}, nil),
+		capacity: prometheus.NewDesc(prometheus.BuildFQName(Namespace, "policy", "connection_table_capacity"),
+			"Connections the policy classifier's connection table holds (an LRU: --conntrack-size).", nil, nil),
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (c *conntrackCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.events
+	ch <- c.capacity
+}
+
+// Collect implements prometheus.Collector.
+func (c *conntrackCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+	defer cancel()
+	st, ok, err := c.src.Conntrack(ctx)
+	if err != nil {
+		c.errs.WithLabelValues(sourceConntrack).Inc()
+		c.log.Warn("metrics: read agent state", "source", sourceConntrack, "err", err)
+		return
+	}
+	if !ok {
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(c.events, prometheus.CounterValue, float64(st.Created), ConnCreated)
+	ch <- prometheus.MustNewConstMetric(c.events, prometheus.CounterValue, float64(st.CreateFailed), ConnCreateFailed)
+	ch <- prometheus.MustNewConstMetric(c.events, prometheus.CounterValue, float64(st.Rejudged), ConnRejudged)
+	ch <- prometheus.MustNewConstMetric(c.capacity, prometheus.GaugeValue, float64(st.Capacity))
 }

@@ -131,7 +131,9 @@ func TestScrape(t *testing.T) {
 	rec := metrics.New(metrics.Options{
 		Source: src,
 		XFRM:   metricstest.XFRM{Stats: map[string]uint64{"XfrmInError": 2, "XfrmOutNoStates": 0}},
-		Now:    func() time.Time { return now },
+		Conntrack: metricstest.Conntrack{Loaded: true,
+			Stats: metrics.Conntrack{Created: 40, CreateFailed: 1, Rejudged: 7, Capacity: 262144}},
+		Now: func() time.Time { return now },
 	})
 	rec.SetMode("Disabled")
 	rec.SetMode("WireGuard")
@@ -177,6 +179,11 @@ func TestScrape(t *testing.T) {
 		"meshcrypt_metrics_source_errors_total{source=peers}":                            0,
 		"meshcrypt_metrics_source_errors_total{source=verdicts}":                         0,
 		"meshcrypt_metrics_source_errors_total{source=xfrm}":                             0,
+		"meshcrypt_metrics_source_errors_total{source=conntrack}":                        0,
+		"meshcrypt_policy_connections_total{event=created}":                              40,
+		"meshcrypt_policy_connections_total{event=create_failed}":                        1,
+		"meshcrypt_policy_connections_total{event=rejudged}":                             7,
+		"meshcrypt_policy_connection_table_capacity{}":                                   262144,
 		"meshcrypt_wireguard_configure_total{}":                                          2,
 		"meshcrypt_wireguard_peer_updates_total{op=add}":                                 5001,
 		"meshcrypt_wireguard_peer_updates_total{op=update}":                              0,
@@ -198,6 +205,7 @@ func TestScrape(t *testing.T) {
 		"meshcrypt_policy_verdict_packets_total": dto.MetricType_COUNTER,
 		"meshcrypt_reconcile_duration_seconds":   dto.MetricType_HISTOGRAM,
 		"meshcrypt_xfrm_errors_total":            dto.MetricType_COUNTER,
+		"meshcrypt_policy_connections_total":     dto.MetricType_COUNTER,
 	}
 	for name, typ := range wantTypes {
 		if got := fams[name].GetType(); got != typ {

@@ -80,6 +80,14 @@ func checkMetrics(t *testing.T, n *cluster.Node, deny func()) {
 	if !strings.Contains(before, `meshcrypt_xfrm_errors_total{field="XfrmInNoStates"}`) {
 		t.Error("meshcrypt_xfrm_errors_total{field=\"XfrmInNoStates\"} not exported")
 	}
+	// The connection table: traffic has flowed, so connections were entered; its size is
+	// the harness's --conntrack-size.
+	if v := metricValue(t, before, "meshcrypt_policy_connections_total", map[string]string{"event": "created"}); v <= 0 {
+		t.Errorf("meshcrypt_policy_connections_total{event=created} on %s is %v after traffic", n.Name, v)
+	}
+	if v := metricValue(t, before, "meshcrypt_policy_connection_table_capacity", nil); v != 16384 {
+		t.Errorf("meshcrypt_policy_connection_table_capacity on %s is %v, want the harness's 16384", n.Name, v)
+	}
 	denied := map[string]string{"reason": "denied_ingress"}
 	b := metricValue(t, before, "meshcrypt_policy_verdict_packets_total", denied)
 	deny()

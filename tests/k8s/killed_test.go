@@ -16,7 +16,7 @@ import (
 	"github.com/meshcrypt/meshcrypt/tests/netenv"
 )
 
-// envChild makes the test binary run TestKilledRunChild's cluster instead of skipping it.
+// envChild makes TestKilledRunCleanup, in the child it starts, be that child (killedRunChild).
 const envChild = "MESHCRYPT_K8S_KILLED_CHILD"
 
 // TestKilledRunCleanup starts a cluster with a running pod in a child process, kills the child
@@ -28,9 +28,13 @@ func TestKilledRunCleanup(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
+	if os.Getenv(envChild) != "" {
+		killedRunChild(t)
+		return
+	}
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestKilledRunChild$", "-test.v")
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestKilledRunCleanup$", "-test.v")
 	cmd.Env = append(os.Environ(), envChild+"=1")
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
@@ -79,12 +83,9 @@ func TestKilledRunCleanup(t *testing.T) {
 	checkNothingLeft(t, dir)
 }
 
-// TestKilledRunChild is TestKilledRunCleanup's child: it starts a cluster with a pod, prints the
+// killedRunChild is TestKilledRunCleanup's child: it starts a cluster with a pod, prints the
 // cluster's directory and waits to be killed.
-func TestKilledRunChild(t *testing.T) {
-	if os.Getenv(envChild) == "" {
-		t.Skip("run by TestKilledRunCleanup")
-	}
+func killedRunChild(t *testing.T) {
 	c, err := k8s.Start(t.Context(), k8s.Options{})
 	if err != nil {
 		t.Fatal(err)

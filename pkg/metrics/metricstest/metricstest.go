@@ -80,3 +80,18 @@ func (x XFRM) XFRMStats(context.Context) (map[string]uint64, error) {
 	}
 	return maps.Clone(x.Stats), nil
 }
+
+// Conntrack is a metrics.ConntrackSource returning fixed counters (Loaded false: none yet;
+// or Err).
+type Conntrack struct {
+	Stats  metrics.Conntrack
+	Loaded bool
+	Err    error
+}
+
+var _ metrics.ConntrackSource = Conntrack{}
+
+// Conntrack implements metrics.ConntrackSource.
+func (c Conntrack) Conntrack(context.Context) (metrics.Conntrack, bool, error) {
+	return c.Stats, c.Loaded, c.Err
+}
