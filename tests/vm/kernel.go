@@ -25,6 +25,10 @@ type Kernel struct {
 	Package string
 	// Version is the package version, e.g. 6.1.192-2.
 	Version string
+	// Selector is what apt was asked for (see KernelOptions.Meta and
+	// Suite), e.g. linux-image-cloud-amd64/bookworm-backports, or the
+	// package itself when KernelOptions.Package named it.
+	Selector string
 	// Release is the kernel release (uname -r), e.g. 6.1.0-56-cloud-amd64.
 	Release string
 	// Dir is the unpacked package; its lib/modules/<Release> has modules.dep.
@@ -39,15 +43,34 @@ func (k *Kernel) ModulesDir() string { return filepath.Join(k.Dir, "lib", "modul
 
 // KernelOptions selects and caches the kernel.
 type KernelOptions struct {
-	// Package is the linux-image package to boot; "" means the one that
-	// $MESHCRYPT_VM_KERNEL_PACKAGE names, else the current dependency of
-	// DefaultKernelMeta.
+	// Package is the linux-image package to boot. "" means the one that
+	// Meta depends on in Suite, except that for the default kernel (Meta
+	// and Suite both "") $MESHCRYPT_VM_KERNEL_PACKAGE, when set, names it.
 	Package string
+	// Meta is the metapackage whose dependency names the kernel when
+	// Package is ""; "" means DefaultKernelMeta.
+	Meta string
+	// Suite is the apt suite (release) whose Meta counts, e.g.
+	// "bookworm-backports" for Debian's 6.12 on bookworm: apt is asked for
+	// Meta/Suite. "" means apt's candidate (the machine's own release).
+	Suite string
 	// CacheDir holds unpacked kernels keyed by package and version; ""
 	// means DefaultCacheDir().
 	CacheDir string
 	// Logger receives progress; nil discards.
 	Logger *slog.Logger
+}
+
+// selector names what opts asks apt for: "linux-image-cloud-amd64" or
+// "linux-image-cloud-amd64/bookworm-backports". The cache records it with
+// each kernel, so that without apt the fallback picks a kernel of the same
+// series.
+func (opts KernelOptions) selector() string {
+	s := cmp.Or(opts.Meta, DefaultKernelMeta)
+	if opts.Suite != "" {
+		s += "/" + opts.Suite
+	}
+	return s
 }
 
 // DefaultCacheDir returns ~/.cache/meshcrypt/vm (or $XDG_CACHE_HOME's
@@ -63,7 +86,8 @@ func DefaultCacheDir() string {
 // FetchKernel returns the kernel opts selects, downloading it with
 // `apt-get download` and unpacking it with `dpkg-deb -x` into the cache
 // the first time. When apt cannot name a package (no package lists, no
-// network), it falls back to the newest kernel already in the cache.
+// network), it falls back to the newest kernel already in the cache that
+// was fetched for the same package, or the same metapackage and suite.
 // FetchKernel is safe to call from concurrent processes: a kernel is
 // unpacked into a temporary directory and renamed into place.
 func FetchKernel(ctx context.Context, opts KernelOptions) (*Kernel, error) {
@@ -77,12 +101,17 @@ func FetchKernel(ctx context.Context, opts KernelOptions) (*Kernel, error) {
 	}
 	kdir := filepath.Join(cache, "kernel")
 	pkg := opts.Package
-	if pkg == "" {
+	if pkg == "" && opts.Meta == "" && opts.Suite == "" {
 		pkg = os.Getenv("MESHCRYPT_VM_KERNEL_PACKAGE")
 	}
-	pkg, version, err := resolveKernel(ctx, pkg)
+	sel := opts.selector()
+	if pkg != "" {
+		// A kernel named by its package is of no metapackage's series.
+		sel = pkg
+	}
+	pkg, version, err := resolveKernel(ctx, pkg, sel)
 	if err != nil {
-		k, cerr := newestCached(kdir, pkg)
+		k, cerr := newestCached(kdir, pkg, sel)
 		if cerr != nil {
 			return nil, fmt.Errorf("resolve kernel package (run hack/vm-deps.sh, which runs apt-get update): %w", errors.Join(err, cerr))
 		}
@@ -123,7 +152,7 @@ func FetchKernel(ctx context.Context, opts KernelOptions) (*Kernel, error) {
 	if _, err := run(ctx, "", "depmod", "-b", unpacked, rel); err != nil {
 		return nil, fmt.Errorf("depmod %s: %w", rel, err)
 	}
-	stamp := fmt.Sprintf("package=%s\nversion=%s\nrelease=%s\n", pkg, version, rel)
+	stamp := fmt.Sprintf("package=%s\nversion=%s\nrelease=%s\nselector=%s\n", pkg, version, rel, sel)
 	if err := os.WriteFile(filepath.Join(unpacked, "meshcrypt-kernel"), []byte(stamp), 0o644); err != nil {
 		return nil, err
 	}
@@ -137,16 +166,19 @@ func FetchKernel(ctx context.Context, opts KernelOptions) (*Kernel, error) {
 	return loadKernel(dir)
 }
 
-// resolveKernel returns the package to boot and its candidate version.
-func resolveKernel(ctx context.Context, pkg string) (string, string, error) {
+// resolveKernel returns the package to boot and its candidate version:
+// pkg, or else the linux-image package that the metapackage selector
+// ("META" or "META/SUITE", which apt-cache reads as META in SUITE) depends
+// on.
+func resolveKernel(ctx context.Context, pkg, selector string) (string, string, error) {
 	if pkg == "" {
-		out, err := run(ctx, "", "apt-cache", "depends", DefaultKernelMeta)
+		out, err := run(ctx, "", "apt-cache", "depends", selector)
 		if err != nil {
 			return "", "", err
 		}
 		pkg = parseDepends(out, "linux-image-")
 		if pkg == "" {
-			return "", "", fmt.Errorf("apt-cache depends %s names no linux-image package", DefaultKernelMeta)
+			return "", "", fmt.Errorf("apt-cache depends %s names no linux-image package", selector)
 		}
 	}
 	out, err := run(ctx, "", "apt-cache", "show", "--no-all-versions", pkg)
@@ -211,7 +243,12 @@ func loadKernel(dir string) (*Kernel, error) {
 			k.Version = v
 		case "release":
 			k.Release = v
+		case "selector":
+			k.Selector = v
 		}
+	}
+	if k.Selector == "" { // cached before kernels had selectors: the default one
+		k.Selector = DefaultKernelMeta
 	}
 	if k.Release == "" {
 		return nil, fmt.Errorf("%s: no release in the stamp", dir)
@@ -225,9 +262,9 @@ func loadKernel(dir string) (*Kernel, error) {
 	return k, nil
 }
 
-// newestCached returns the most recently unpacked kernel in kdir, of
-// package pkg unless pkg is "".
-func newestCached(kdir, pkg string) (*Kernel, error) {
+// newestCached returns the most recently unpacked kernel in kdir of
+// package pkg or, when pkg is "", fetched for selector.
+func newestCached(kdir, pkg, selector string) (*Kernel, error) {
 	ents, err := os.ReadDir(kdir)
 	if err != nil {
 		return nil, fmt.Errorf("no cached kernel: %w", err)
@@ -239,7 +276,7 @@ func newestCached(kdir, pkg string) (*Kernel, error) {
 	var cs []cand
 	for _, e := range ents {
 		k, err := loadKernel(filepath.Join(kdir, e.Name()))
-		if err != nil || (pkg != "" && k.Package != pkg) {
+		if err != nil || (pkg != "" && k.Package != pkg) || (pkg == "" && k.Selector != selector) {
 			continue
 		}
 		info, err := e.Info()
@@ -249,7 +286,7 @@ func newestCached(kdir, pkg string) (*Kernel, error) {
 		cs = append(cs, cand{k, info.ModTime().UnixNano()})
 	}
 	if len(cs) == 0 {
-		return nil, fmt.Errorf("no cached kernel in %s", kdir)
+		return nil, fmt.Errorf("no cached kernel for %s in %s", cmp.Or(pkg, selector), kdir)
 	}
 	slices.SortFunc(cs, func(a, b cand) int { return cmp.Compare(b.mod, a.mod) })
 	return cs[0].k, nil
