@@ -404,7 +404,7 @@ func TestImageContents(t *testing.T) {
 		opts KernelOptions
 	}{
 		{"6.1", KernelOptions{}},
-		{"6.12", KernelOptions{Suite: "bookworm-backports"}},
+		{"6.12", KernelOptions{Release: "trixie"}},
 	} {
 		t.Run(k.name, func(t *testing.T) { testImageContents(t, k.opts) })
 	}
@@ -651,14 +651,14 @@ func TestNewestCached(t *testing.T) {
 	}
 	add("old61", "package=linux-image-6.1.0-56-cloud-amd64\nversion=6.1.192-2\nrelease=6.1.0-56-cloud-amd64\n", 3*time.Hour)
 	add("new61", "package=linux-image-6.1.0-57-cloud-amd64\nversion=6.1.192-3\nrelease=6.1.0-57-cloud-amd64\nselector=linux-image-cloud-amd64\n", 2*time.Hour)
-	add("bpo", "package=linux-image-6.12.95+deb12-cloud-amd64\nversion=6.12.95-1~bpo12+1\nrelease=6.12.95+deb12-cloud-amd64\nselector=linux-image-cloud-amd64/bookworm-backports\n", time.Hour)
+	add("trixie", "package=linux-image-6.12.118+deb13-cloud-amd64\nversion=6.12.118-1\nrelease=6.12.118+deb13-cloud-amd64\nselector=linux-image-cloud-amd64@trixie\n", time.Hour)
 	for _, tt := range []struct {
 		pkg, selector, want string
 	}{
 		{"", "linux-image-cloud-amd64", "6.1.0-57-cloud-amd64"},
-		{"", "linux-image-cloud-amd64/bookworm-backports", "6.12.95+deb12-cloud-amd64"},
+		{"", "linux-image-cloud-amd64@trixie", "6.12.118+deb13-cloud-amd64"},
 		{"linux-image-6.1.0-56-cloud-amd64", "", "6.1.0-56-cloud-amd64"},
-		{"", "linux-image-cloud-amd64/trixie", ""},
+		{"", "linux-image-cloud-amd64@bookworm", ""},
 	} {
 		k, err := newestCached(kdir, tt.pkg, tt.selector)
 		switch {
@@ -668,7 +668,53 @@ func TestNewestCached(t *testing.T) {
 			t.Errorf("newestCached(%q, %q) = %+v, %v; want %s", tt.pkg, tt.selector, k, err, tt.want)
 		}
 	}
-	if got := (KernelOptions{Suite: "bookworm-backports"}).selector(); got != "linux-image-cloud-amd64/bookworm-backports" {
+	if got := (KernelOptions{Release: "trixie"}).selector(); got != "linux-image-cloud-amd64@trixie" {
 		t.Errorf("selector = %q", got)
+	}
+}
+
+// TestAptConfig checks the private apt state of a kernel from another
+// release: the machine's apt gets no options, a private state reads only
+// its own files, names the release and its security suite, and is stale
+// until its sources and fresh lists are there.
+func TestAptConfig(t *testing.T) {
+	if got := (aptConfig{}).args("show", "x"); !slices.Equal(got, []string{"show", "x"}) {
+		t.Errorf("machine's apt args = %q", got)
+	}
+	dir := t.TempDir()
+	a := aptConfig{dir: dir, release: "trixie"}
+	args := strings.Join(a.args("depends", "linux-image-cloud-amd64"), " ")
+	for _, want := range []string{"Dir::Etc::SourceList=" + dir + "/sources.list", "Dir::Etc::SourceParts=" + dir + "/",
+		"Dir::State::Lists=" + dir + "/lists", "Dir::Cache=" + dir + "/cache", "Dir::Etc::Preferences=/dev/null"} {
+		if !strings.Contains(args, want) {
+			t.Errorf("args %q lack %q", args, want)
+		}
+	}
+	if !strings.HasSuffix(args, " depends linux-image-cloud-amd64") {
+		t.Errorf("args %q do not end with the command", args)
+	}
+	wantSources := "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main\n" +
+		"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security trixie-security main\n"
+	if diff := cmp.Diff(wantSources, a.sources()); diff != "" {
+		t.Errorf("sources (-want +got):\n%s", diff)
+	}
+	if !a.stale() {
+		t.Error("an empty state is not stale")
+	}
+	os.MkdirAll(filepath.Join(dir, "lists"), 0o755)
+	os.WriteFile(filepath.Join(dir, "sources.list"), []byte(a.sources()), 0o644)
+	list := filepath.Join(dir, "lists", "deb.debian.org_debian_dists_trixie_main_binary-amd64_Packages")
+	os.WriteFile(list, nil, 0o644)
+	if a.stale() {
+		t.Error("fresh sources and lists are stale")
+	}
+	old := time.Now().Add(-2 * aptListsMaxAge)
+	os.Chtimes(list, old, old)
+	if !a.stale() {
+		t.Error("lists two days old are not stale")
+	}
+	os.Chtimes(list, time.Now(), time.Now())
+	if (aptConfig{dir: dir, release: "forky"}).stale() == false {
+		t.Error("a state whose sources name another release is not stale")
 	}
 }
