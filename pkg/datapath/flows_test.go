@@ -427,7 +427,7 @@ func TestFlowRingFull(t *testing.T) {
 		}
 	}
 	st := flowStats(t, c)
-	t.Logf("ring of %d bytes: %+v", flowRingSize, st)
+	t.Logf("ring of %d bytes: %+v; counters %v, batches restarted %v", flowRingSize, st, cnt, restarts)
 	if st.Submitted+st.Lost+st.RateLimited != ran {
 		t.Errorf("stats %+v: want %d candidates (the packets counted)", st, ran)
 	}
