@@ -50,8 +50,8 @@ test-harness: ## the network-namespace harness itself
 test-e2e: ## end-to-end: agents on netns nodes, traffic with a marker, underlay capture
 	$(GOTEST) -timeout 15m -v ./tests/e2e/ 2>&1 | grep -Ev '^\s+cluster.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
 
-test-vm: ## the kernel suite in a qemu VM (Debian cloud kernel 6.1: kernel WireGuard, ESP, legacy tc) and the e2e suites there (WireGuard, IPsec, policy, faults)
-	$(GOTEST) -timeout 20m -v ./tests/vm/ 2>&1 | grep -Ev '^\s+(cluster|harness)\.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
+test-vm: ## the kernel suite in a qemu VM and the e2e suites there (WireGuard, IPsec, policy, faults), on Debian's cloud kernels 6.1 (kernel WireGuard, ESP, legacy tc) and 6.12 (kernel WireGuard, ESP, TCX); MESHCRYPT_VM_KERNELS=6.12 runs one
+	$(GOTEST) -timeout 40m -v ./tests/vm/ 2>&1 | grep -Ev '^\s+(cluster|harness)\.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
 
 demo: deps build ## run a 3-node cluster on this machine, turn WireGuard on, prove it, print meshcrypt status (KEEP=1 keeps it up)
 	$(GO) run ./tests/demo $(if $(KEEP),--keep,)
