@@ -92,7 +92,7 @@ func DefaultCacheDir() string {
 // `apt-get download` and unpacking it with `dpkg-deb -x` into the cache
 // the first time. When apt cannot name a package (no package lists, no
 // network), it falls back to the newest kernel already in the cache that
-// was fetched for the same package, or the same metapackage and suite.
+// was fetched for the same package, or the same metapackage and release.
 // FetchKernel is safe to call from concurrent processes: a kernel is
 // unpacked into a temporary directory and renamed into place.
 func FetchKernel(ctx context.Context, opts KernelOptions) (*Kernel, error) {
