@@ -292,21 +292,32 @@ func (e *attachEnv) wantAttached(t *testing.T, c *Classifier, mode AttachMode) {
 	}
 }
 
+// vmAttachEnv names the attach mode the kernel must give when the tests run in tests/vm's VM
+// ("tcx" on its 6.12 kernel, "tc" on 6.1): the host knows which kernel it booted.
+const vmAttachEnv = "MESHCRYPT_VM_ATTACH"
+
 // haveTCX reports whether the kernel has TCX (Linux 6.6+), trying it on the environment's
-// interface. The VM suite's 6.1 kernel has not: there AttachAuto falls back to tc.
+// interface. The VM suite's 6.1 kernel has not: there AttachAuto falls back to tc. In the VM
+// the answer must match $MESHCRYPT_VM_ATTACH, so TCX missing on 6.12 fails instead of
+// skipping, and TCX found on 6.1 fails too.
 func haveTCX(t *testing.T, e *attachEnv, c *Classifier) bool {
 	t.Helper()
 	_, err := c.Attach(e.node, hostIf, AttachTCX)
-	if errors.Is(err, ErrNotSupported) {
-		return false
-	}
-	if err != nil {
+	have := true
+	switch {
+	case errors.Is(err, ErrNotSupported):
+		have = false
+	case err != nil:
 		t.Fatalf("probe TCX: %v", err)
+	default:
+		if err := c.Detach(e.node, hostIf); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if err := c.Detach(e.node, hostIf); err != nil {
-		t.Fatal(err)
+	if want := os.Getenv(vmAttachEnv); want != "" && have != (want == "tcx") {
+		t.Fatalf("TCX attach: supported %t (%v), but $%s=%s says this kernel must attach with %s", have, err, vmAttachEnv, want, want)
 	}
-	return true
+	return have
 }
 
 // skipWithoutTCX skips a TCX-only test on a kernel without TCX; the tc variants cover it.

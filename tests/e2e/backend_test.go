@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"cmp"
 	"os"
 	"syscall"
 	"testing"
@@ -11,8 +12,8 @@ import (
 
 // What the suites expect of the kernel they run on. On the build machines (kernel 6.18
 // without WireGuard) agents run the userspace device and attach with TCX; in the VM of
-// tests/vm (Debian's 6.1 cloud kernel, which sets MESHCRYPT_VM=1) they run kernel WireGuard
-// and attach with legacy tc, the paths the VM exists to cover.
+// tests/vm (Debian's cloud kernels, which sets MESHCRYPT_VM=1) they run kernel WireGuard and
+// attach as $MESHCRYPT_VM_ATTACH says the booted kernel must: legacy tc on 6.1, TCX on 6.12.
 var (
 	// inVM: the suite runs inside tests/vm's VM.
 	inVM = os.Getenv("MESHCRYPT_VM") == "1"
@@ -21,7 +22,7 @@ var (
 	// with --attach-mode auto (TCX where the kernel has it, >= 6.6, else tc).
 	wgBackend, autoAttach = func() (v1alpha1.WireGuardBackend, string) {
 		if inVM {
-			return v1alpha1.BackendKernel, "tc"
+			return v1alpha1.BackendKernel, cmp.Or(os.Getenv("MESHCRYPT_VM_ATTACH"), "tc")
 		}
 		return v1alpha1.BackendUserspace, "tcx"
 	}()

@@ -1,15 +1,37 @@
 // Package vm runs Go tests inside a qemu VM with a full Debian kernel: the
-// "kernel suite". The build machines' kernel has no kernel WireGuard, no ESP and
-// no loadable modules; Debian's linux-image-<ver>-cloud-amd64 (6.1) has
-// wireguard.ko, esp4.ko, xfrm_user, cls_bpf, sch_ingress, GCM and BTF, but no
-// TCX, so the VM covers what the host skips and the legacy tc attach path.
+// "kernel suite". The build machines' kernel (6.18) has TCX but no kernel
+// WireGuard, no ESP and no loadable modules. The suites boot two of Debian's
+// linux-image-<ver>-cloud-amd64 kernels, one after the other (vmKernels in
+// kernels_test.go; $MESHCRYPT_VM_KERNELS=6.12 runs one):
+//
+//   - 6.1, bookworm's (the machine's apt): wireguard.ko, esp4.ko, xfrm_user,
+//     cls_bpf, sch_ingress, GCM and BTF, but no TCX: kernel WireGuard with
+//     the legacy tc attach path.
+//   - 6.12, trixie's ([KernelOptions.Release] "trixie"): the same modules,
+//     xz-compressed, and TCX: kernel WireGuard with TCX, the combination most
+//     production nodes run. Why trixie's and not bookworm-backports' 6.12
+//     (6.12.95 when this was written): that build crashed at boot under
+//     qemu 7.2's TCG in 3 to 4 of 10 boots (a general protection fault or a
+//     double fault in the iretq of do_sync_core while text_poke patched a
+//     static key: RFLAGS with NT set), with any -cpu model, -smp 1 and
+//     thread=single alike; trixie's 6.12.118 booted 28 times out of 28.
+//
+// The guest learns what its kernel must give in $MESHCRYPT_VM_ATTACH
+// ([AttachEnv]: "tc" on 6.1, "tcx" on 6.12); pkg/datapath's TCX probe and the
+// e2e suites' MeshNode checks fail, not skip, when the kernel answers
+// otherwise, and the TCX tests are in MustRun on 6.12.
 //
 // # Pieces
 //
 //   - [FetchKernel] asks apt which kernel linux-image-cloud-amd64 depends on,
 //     downloads it once (apt-get download), unpacks it (dpkg-deb -x), runs
 //     depmod, and caches it in ~/.cache/meshcrypt/vm/kernel/<package>_<version>.
-//     Without apt it falls back to the newest cached kernel.
+//     For a kernel of another release (trixie's 6.12 on bookworm) apt runs
+//     on a state of its own in ~/.cache/meshcrypt/vm/apt/<release> (that
+//     release and its security suite from deb.debian.org, lists updated
+//     daily and when a version has left the archive), so the machine's
+//     sources never name a newer release. Without apt it falls back to the
+//     newest cached kernel of the same series.
 //   - [Build] compiles each [Test] package with `go test -c` (CGO_ENABLED=0,
 //     static, stripped, in parallel; the Go build cache makes rebuilds cheap),
 //     builds [Options.Programs] with `go build`, and writes the initramfs with
@@ -17,7 +39,10 @@
 //     bytes for the same inputs): busybox-static with every applet linked
 //     (/sbin/modprobe included, so the kernel autoloads crypto and qdisc
 //     modules), the modules of [DefaultModules] and [DefaultModuleDirs] with
-//     their dependencies and a modules.dep made for exactly them, host
+//     their dependencies and a modules.dep made for exactly them
+//     (compressed modules, 6.12's .ko.xz, decompressed on the host with xz,
+//     zstd or gzip: busybox's modprobe hands a module to the kernel as it
+//     is, and the guest would decompress in emulated time), host
 //     programs with their shared libraries ([Options.HostPrograms]: iproute2's
 //     ip for `ip netns exec`), each package's directory with its testdata
 //     (binaries run there, as under go test), and /init. The archive is left
@@ -47,7 +72,7 @@
 // `go tool test2json`, and [Result.Report] mirrors every inner test as a host
 // subtest that passes, fails or skips as it did inside, with its output:
 // `go test -v ./tests/vm/` shows
-// TestKernelSuite/pkg/crypto/wireguard/TestKernelDevice. The suite fails when the
+// TestKernelSuite/6.12/pkg/crypto/wireguard/TestKernelDevice. The suite fails when the
 // VM does not boot, times out or panics, a module does not load, a binary exits
 // non-zero without a failed test (a crash, a -test.timeout panic) or does not
 // finish, or a test named in [Test.MustRun] skips or does not run: the tests
@@ -70,8 +95,10 @@
 // which the serving certificate names. The guest has no default route: nothing
 // beyond the host is reachable.
 //
-// TestE2EInVM runs tests/e2e this way. On the host it starts etcd and
-// kube-apiserver, applies manifests/crds, rbac and admission
+// TestE2EInVM runs tests/e2e this way, once per kernel (TestE2EInVM/6.1,
+// then TestE2EInVM/6.12), each boot with a control plane of its own. On the
+// host it starts etcd and kube-apiserver, applies manifests/crds, rbac and
+// admission
 // (cluster.ApplyManifests, what cluster.Start applies to a control plane of
 // its own), and builds an image with Tests tests/vm/internal/guestagent and
 // tests/e2e, Programs cmd/meshcrypt-agent and cmd/meshcrypt, HostPrograms ip
@@ -91,10 +118,12 @@
 // Which e2e tests run in the VM is the list e2eInVM at the top of
 // e2e_test.go: the binary runs only those ([Test.Run], built with [RunOnly])
 // and each is in [Test.MustRun], so none can skip there. In the VM the e2e
-// tests expect the kernel's WireGuard and legacy tc attach (MESHCRYPT_VM=1:
-// agents run --wireguard-backend kernel and must report backend kernel and
-// attach mode tc in their MeshNode status). Tests that stop or restart
-// kube-apiserver or etcd skip there with "needs its own control plane"
+// tests expect the kernel's WireGuard and the kernel's attach mode
+// (MESHCRYPT_VM=1: agents run --wireguard-backend kernel and must report
+// backend kernel, and with --attach-mode auto the attach mode of
+// $MESHCRYPT_VM_ATTACH, tc on 6.1 and tcx on 6.12, in their MeshNode
+// status). Tests that stop or restart kube-apiserver or etcd skip there
+// with "needs its own control plane"
 // (cluster.NeedOwnControlPlane): the control plane is the host's, and the
 // host's e2e run covers them. guestagent runs first in the same boot: two
 // agents on kernel WireGuard and a ping through the tunnel, the quick check
@@ -102,11 +131,17 @@
 // host reads the MeshNodes the VM's last cluster left in its etcd.
 //
 // Measured on the 2-core build machine under TCG, with other work on it: the
-// VM reaches its first test 5-7 s after qemu starts; in the guest
-// TestWireGuardEndToEnd takes 14-21 s, TestStrict 18-27 s, TestPolicy 33-46 s,
-// TestFaults 16-59 s (most of it 200 MeshNode writes while three agents and
-// qemu share the host's two cores); TestE2EInVM 1m45s-3 min in all, and
-// `go test ./tests/vm/` 2m45s-3m15s.
+// VM reaches its first test 5-7 s after qemu starts (6.1; 6.12 10-15 s); in
+// the guest TestWireGuardEndToEnd takes 14-21 s, TestStrict 18-27 s,
+// TestPolicy 33-46 s, TestFaults 16-59 s (most of it 200 MeshNode writes
+// while three agents and qemu share the host's two cores); TestE2EInVM
+// 1m45s-3 min per kernel in all, and `go test ./tests/vm/` 2m45s-3m15s
+// with 6.1 alone. With both kernels, on 2026-12-07 at load average 6-16
+// (three other engineers' builds, tests and VMs): `make test-vm` 19m31s,
+// of which TestE2EInVM 6m34s on 6.1 and 6m23s on 6.12 (the e2e binary
+// 5m38s and 5m17s in the guest), TestKernelSuite 2m25s on 6.1 and 2m39s on
+// 6.12 (in the guest on 6.12: pkg/crypto/wireguard 35 s, pkg/crypto/ipsec
+// 32 s, pkg/datapath 60 s), the harness's own tests 1m15s.
 //
 // This package is test infrastructure: it must not import any meshcrypt
 // package under pkg/ or cmd/ (its tests do), so the harness never depends on

@@ -20,9 +20,9 @@ import (
 	"github.com/meshcrypt/meshcrypt/tests/vm"
 )
 
-// e2eInVM are the tests/e2e tests that run in the VM, where agents use kernel WireGuard and
-// attach with legacy tc (and ESP is there for IPsec): the paths the build machines' kernel
-// lacks. Each must run and pass there, never skip (vm.Test.MustRun). To run another e2e test
+// e2eInVM are the tests/e2e tests that run in the VM on each kernel of vmKernels, where agents
+// use kernel WireGuard and attach with legacy tc (6.1) or TCX (6.12), and ESP is there for
+// IPsec: the paths, and the combination, the build machines' kernel lacks. Each must run and pass there, never skip (vm.Test.MustRun). To run another e2e test
 // in the VM, add its name here; tests that stop or restart the control plane cannot run there
 // (cluster.NeedOwnControlPlane skips them: the control plane is the host's).
 var e2eInVM = []string{
@@ -38,9 +38,11 @@ var e2eInVM = []string{
 	"TestPolicyPathMTU",        // ICMP fragmentation needed through the kernel WireGuard device
 }
 
-// Time limits of TestE2EInVM. The e2e tests above take 1m45s to 2m30s in the VM under TCG
-// (see the package documentation); the limits leave room for a loaded machine and stop a
-// hung run well inside make test-vm's go test -timeout.
+// Time limits of TestE2EInVM, per kernel. The e2e tests above took 1m45s to 3 min in the VM
+// under TCG on either kernel, and 5m15s-5m45s at load average 12, before the connection tests
+// (TestPolicyConnections, TestPolicyPathMTU: about 2 min more there) joined (see the package
+// documentation); the limits leave room for a loaded machine and stop a hung run inside
+// make test-vm's go test -timeout.
 const (
 	e2eTestTimeout = 12 * time.Minute // the tests/e2e binary in the guest (-test.timeout)
 	e2eBootTimeout = 14 * time.Minute // the whole boot
@@ -50,8 +52,9 @@ const (
 // plane.
 const e2eGuestKubeconfig = "/etc/meshcrypt/kubeconfig"
 
-// TestE2EInVM runs the e2e suites of e2eInVM inside the VM against a control plane on the
-// host: etcd and kube-apiserver start here (loopback only) with manifests/crds, rbac and
+// TestE2EInVM runs the e2e suites of e2eInVM inside the VM, once per kernel of vmKernels
+// (subtests TestE2EInVM/6.1 and TestE2EInVM/6.12, one after the other), against a control
+// plane on the host: etcd and kube-apiserver start here (loopback only) with manifests/crds, rbac and
 // admission applied (cluster.ApplyManifests, as cluster.Start does for a control plane of its
 // own); the guest gets an admin kubeconfig for https://10.0.2.2:PORT (qemu's user network maps
 // it to the host's loopback) in $MESHCRYPT_KUBECONFIG, and the meshcrypt binaries in
@@ -66,12 +69,16 @@ func TestE2EInVM(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots a VM and a control plane")
 	}
+	forEachKernel(t, testE2EInVM)
+}
+
+func testE2EInVM(t *testing.T, k vmKernel) {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(t.Context(), e2eBootTimeout+5*time.Minute)
 	defer cancel()
 	log := slog.New(slog.NewTextHandler(t.Output(), nil))
 
-	res, cp, err := bootE2E(ctx, t, vm.Test{Package: "tests/e2e", Run: vm.RunOnly(e2eInVM...), MustRun: e2eInVM, Timeout: e2eTestTimeout},
+	res, cp, err := bootE2E(ctx, t, k, vm.Test{Package: "tests/e2e", Run: vm.RunOnly(e2eInVM...), MustRun: e2eInVM, Timeout: e2eTestTimeout},
 		[]string{"ip"}, log, t.Output()) // netenv runs agents with ip netns exec
 	if err != nil {
 		t.Fatal(err)
@@ -95,7 +102,7 @@ func TestE2EInVM(t *testing.T) {
 	}
 	var got []string
 	for _, mn := range list.Items {
-		got = append(got, fmt.Sprintf("%s: backend %q", mn.Name, mn.Status.Backend))
+		got = append(got, fmt.Sprintf("%s: backend %q attach %q", mn.Name, mn.Status.Backend, mn.Status.AttachMode))
 		if mn.Status.Backend != v1alpha1.BackendKernel {
 			t.Errorf("MeshNode %s in the host's etcd reports backend %q, want kernel", mn.Name, mn.Status.Backend)
 		}
@@ -104,17 +111,17 @@ func TestE2EInVM(t *testing.T) {
 		t.Error("the VM's agents left no MeshNode in the host's etcd")
 	}
 	t.Logf("MeshNodes the VM's last cluster left in the host's etcd: %s", strings.Join(got, "; "))
-	t.Logf("TestE2EInVM: %s in all; VM booted after %s, first test at %s, powered off after %s",
-		time.Since(start).Round(time.Millisecond), res.BootTime.Round(time.Millisecond),
+	t.Logf("TestE2EInVM on %s: %s in all; VM booted after %s, first test at %s, powered off after %s",
+		k.Name, time.Since(start).Round(time.Millisecond), res.BootTime.Round(time.Millisecond),
 		res.FirstTest.Round(time.Millisecond), res.Duration.Round(time.Millisecond))
 }
 
-// bootE2E builds an image with tests/vm/internal/guestagent (the quick check that the guest
-// reaches the host's API server) and e2e (a tests/e2e binary), the meshcrypt binaries and
-// hostPrograms, starts a control plane on the host with the manifests applied while it builds,
-// and boots the VM against that control plane (see TestE2EInVM). The control plane stops
-// with tb.
-func bootE2E(ctx context.Context, tb testing.TB, e2e vm.Test, hostPrograms []string, log *slog.Logger, progress io.Writer) (*vm.Result, *controlplane.ControlPlane, error) {
+// bootE2E builds an image of kernel k with tests/vm/internal/guestagent (the quick check that
+// the guest reaches the host's API server) and e2e (a tests/e2e binary), the meshcrypt binaries
+// and hostPrograms, starts a control plane on the host with the manifests applied while it
+// builds, and boots the VM against that control plane (see TestE2EInVM). The control plane
+// stops with tb.
+func bootE2E(ctx context.Context, tb testing.TB, k vmKernel, e2e vm.Test, hostPrograms []string, log *slog.Logger, progress io.Writer) (*vm.Result, *controlplane.ControlPlane, error) {
 	start := time.Now()
 	var (
 		img    *vm.Image
@@ -129,6 +136,7 @@ func bootE2E(ctx context.Context, tb testing.TB, e2e vm.Test, hostPrograms []str
 			},
 			Programs:     []string{"cmd/meshcrypt-agent", "cmd/meshcrypt"},
 			HostPrograms: hostPrograms,
+			Kernel:       k.Kernel,
 			Logger:       log,
 		})
 	})
@@ -142,6 +150,7 @@ func bootE2E(ctx context.Context, tb testing.TB, e2e vm.Test, hostPrograms []str
 	if applyErr != nil {
 		return nil, nil, applyErr
 	}
+	k.checkRelease(tb, img)
 	// The guest reaches the host's 127.0.0.1:PORT at 10.0.2.2:PORT; the kubeconfig then
 	// names localhost for TLS, which the certificate holds.
 	u, err := url.Parse(cp.URL())
@@ -152,19 +161,19 @@ func bootE2E(ctx context.Context, tb testing.TB, e2e vm.Test, hostPrograms []str
 	if err != nil {
 		return nil, nil, err
 	}
-	tb.Logf("image built and control plane ready after %s (image: %s, go test -c %s)", time.Since(start).Round(time.Millisecond),
-		img.BuildTime.Round(time.Millisecond), img.CompileTime.Round(time.Millisecond))
+	tb.Logf("image built and control plane ready after %s (image: %s, go test -c %s): kernel %s (%s %s)", time.Since(start).Round(time.Millisecond),
+		img.BuildTime.Round(time.Millisecond), img.CompileTime.Round(time.Millisecond), img.Kernel.Release, img.Kernel.Package, img.Kernel.Version)
+	env := k.env()
+	env[cluster.KubeconfigEnv] = e2eGuestKubeconfig
+	env["MESHCRYPT_BIN_DIR"] = vm.ProgramDir
+	env["MESHCRYPT_AGENT"] = vm.ProgramDir + "/meshcrypt-agent" // for guestagent
 	res, err := vm.Boot(ctx, img, vm.BootOptions{
 		Network: true,
 		// Four agents, the e2e binary and the CLI beside the initramfs, which stays in RAM.
-		Memory:  2048,
-		Timeout: e2eBootTimeout,
-		Files:   []vm.File{{Path: e2eGuestKubeconfig, Data: kc, Mode: 0o600}},
-		Env: map[string]string{
-			cluster.KubeconfigEnv: e2eGuestKubeconfig,
-			"MESHCRYPT_BIN_DIR":   vm.ProgramDir,
-			"MESHCRYPT_AGENT":     vm.ProgramDir + "/meshcrypt-agent", // for guestagent
-		},
+		Memory:   2048,
+		Timeout:  e2eBootTimeout,
+		Files:    []vm.File{{Path: e2eGuestKubeconfig, Data: kc, Mode: 0o600}},
+		Env:      env,
 		Progress: progress,
 	})
 	return res, cp, err

@@ -44,6 +44,13 @@ const HostAddr = "10.0.2.2"
 // test can tell it runs in the VM.
 const GuestEnv = "MESHCRYPT_VM"
 
+// AttachEnv is the environment variable that tells tests in the guest which
+// classifier attach mode the booted kernel must give ("tcx" or "tc"): the
+// host knows which kernel it booted, and a test that probes for TCX fails,
+// rather than skips, when the kernel answers otherwise. The VM suites set it
+// through BootOptions.Env.
+const AttachEnv = "MESHCRYPT_VM_ATTACH"
+
 // initScript is the guest's /init (busybox ash, pid 1). It mounts the file
 // systems the tests need, loads the modules, brings up networking when the
 // kernel command line asks for it, runs each test binary between marker
@@ -199,9 +206,9 @@ func buildArchive(ctx context.Context, k *Kernel, opts *Options, tests []*builtT
 		}
 	}
 
-	// Modules: the requested ones with their dependencies, copied into a
-	// staging tree where depmod writes modules.dep and modules.alias for
-	// exactly this set.
+	// Modules: the requested ones with their dependencies, copied (and
+	// decompressed) into a staging tree where depmod writes modules.dep and
+	// modules.alias for exactly this set.
 	idx, err := loadModuleIndex(k.ModulesDir())
 	if err != nil {
 		return nil, fmt.Errorf("modules of %s: %w", k.Release, err)
@@ -220,9 +227,12 @@ func buildArchive(ctx context.Context, k *Kernel, opts *Options, tests []*builtT
 	}
 	stage := filepath.Join(work, "modules")
 	modRel := path.Join("lib", "modules", k.Release)
-	for _, f := range append(set.files, "modules.builtin", "modules.builtin.modinfo", "modules.order") {
+	if _, err := stageModules(ctx, k.ModulesDir(), filepath.Join(stage, modRel), set.files); err != nil {
+		return nil, err
+	}
+	for _, f := range []string{"modules.builtin", "modules.builtin.modinfo", "modules.order"} {
 		if err := copyFile(filepath.Join(k.ModulesDir(), f), filepath.Join(stage, modRel, f)); err != nil {
-			return nil, fmt.Errorf("stage module %s: %w", f, err)
+			return nil, fmt.Errorf("stage %s: %w", f, err)
 		}
 	}
 	if _, err := run(ctx, "", "depmod", "-b", stage, k.Release); err != nil {

@@ -2,6 +2,7 @@ package vm
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io/fs"
 	"os"
@@ -150,4 +151,60 @@ func resolveModules(modDir string, idx *moduleIndex, names, dirs []string) (*mod
 	}
 	slices.Sort(set.files)
 	return set, nil
+}
+
+// moduleCompressions are the compressed module formats a kernel package may
+// ship (CONFIG_MODULE_COMPRESS_*: Debian's 6.12 has .ko.xz, 6.1 plain .ko)
+// and the Debian tool that decompresses each in place, removing the
+// compressed file. Modules go into the initramfs decompressed: busybox's
+// modprobe and insmod read a module and pass it to init_module as it is,
+// and the guest would spend emulated time decompressing anyway.
+var moduleCompressions = []struct {
+	ext, tool, pkg string
+	args           []string
+}{
+	{".ko.xz", "xz", "xz-utils", []string{"-d", "-f", "-q"}},
+	{".ko.zst", "zstd", "zstd", []string{"-d", "-f", "-q", "--rm"}},
+	{".ko.gz", "gzip", "gzip", []string{"-d", "-f", "-q"}},
+}
+
+// decompressBatch bounds the files per decompressor command line.
+const decompressBatch = 256
+
+// stageModules copies files (relative module paths) from the modules
+// directory src to dst, decompressing compressed modules there, and
+// returns the staged files' paths: a compressed module's path loses its
+// compression suffix (kernel/crypto/gcm.ko.xz becomes kernel/crypto/gcm.ko).
+// depmod, run on dst afterwards, writes a modules.dep naming them.
+func stageModules(ctx context.Context, src, dst string, files []string) ([]string, error) {
+	staged := make([]string, 0, len(files))
+	pending := map[int][]string{} // index in moduleCompressions -> staged compressed files
+	for _, f := range files {
+		if err := copyFile(filepath.Join(src, f), filepath.Join(dst, f)); err != nil {
+			return nil, fmt.Errorf("stage module %s: %w", f, err)
+		}
+		plain := f
+		for i, c := range moduleCompressions {
+			if strings.HasSuffix(f, c.ext) {
+				pending[i] = append(pending[i], filepath.Join(dst, f))
+				plain = strings.TrimSuffix(f, c.ext) + ".ko"
+				break
+			}
+		}
+		staged = append(staged, plain)
+	}
+	for i, c := range moduleCompressions {
+		for batch := range slices.Chunk(pending[i], decompressBatch) {
+			args := append(append(slices.Clone(c.args), "--"), batch...)
+			if _, err := run(ctx, "", c.tool, args...); err != nil {
+				return nil, fmt.Errorf("decompress %s modules (Debian package %s): %w", c.ext, c.pkg, err)
+			}
+		}
+	}
+	for _, f := range staged {
+		if !isFile(filepath.Join(dst, f)) {
+			return nil, fmt.Errorf("stage module %s: not there after decompression", f)
+		}
+	}
+	return staged, nil
 }

@@ -12,7 +12,7 @@ import (
 
 // Report turns the boot's results into subtests of t: one per package
 // (named by its path, so `go test -v` shows
-// TestKernelSuite/pkg/crypto/wireguard/TestKernelDevice), below it one per
+// TestKernelSuite/6.12/pkg/crypto/wireguard/TestKernelDevice), below it one per
 // test the guest ran, nested like the guest's subtests, each passing,
 // failing or skipping as it did in the guest, with its output.
 //

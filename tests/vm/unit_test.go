@@ -392,17 +392,32 @@ func TestParseApt(t *testing.T) {
 }
 
 // TestImageContents builds an image (fetching the kernel into the cache if
-// needed) without booting it and checks what the guest will find.
+// needed) without booting it and checks what the guest will find, for each
+// kernel the suites boot (vmKernels in kernels_test.go): 6.1 ships plain
+// modules, 6.12 xz-compressed ones, which must arrive decompressed.
 func TestImageContents(t *testing.T) {
 	if testing.Short() {
 		t.Skip("downloads the kernel package on first use")
 	}
+	for _, k := range []struct {
+		name string
+		opts KernelOptions
+	}{
+		{"6.1", KernelOptions{}},
+		{"6.12", KernelOptions{Release: "trixie"}},
+	} {
+		t.Run(k.name, func(t *testing.T) { testImageContents(t, k.opts) })
+	}
+}
+
+func testImageContents(t *testing.T, kopts KernelOptions) {
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 	defer cancel()
 	img, err := Build(ctx, Options{
 		Tests:        []Test{{Package: "tests/vm/internal/selftest"}},
 		HostPrograms: []string{"sh"},
 		Files:        []File{{Path: "/etc/meshcrypt/extra", Data: []byte("x")}},
+		Kernel:       kopts,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -447,6 +462,11 @@ func TestImageContents(t *testing.T) {
 		}
 		if !check(e) {
 			t.Errorf("initramfs %s: mode %o, data %.80q: unexpected", p, e.Mode, e.Data)
+		}
+	}
+	for p := range entries {
+		if strings.HasPrefix(p, mod) && (strings.HasSuffix(p, ".xz") || strings.HasSuffix(p, ".zst") || strings.HasSuffix(p, ".gz")) {
+			t.Errorf("initramfs has a compressed module %s; busybox's modprobe loads it as it is", p)
 		}
 	}
 	if !slices.Equal(img.Files, slices.Sorted(maps.Keys(entries))) {
@@ -523,5 +543,178 @@ func TestCleanupStale(t *testing.T) {
 		if got := isDir(d); got != want {
 			t.Errorf("%s exists = %t after CleanupStale, want %t", d, got, want)
 		}
+	}
+}
+
+// TestStageModules stages plain and compressed modules: the compressed ones
+// arrive decompressed, under the name without the suffix, and the sources
+// stay as they were.
+func TestStageModules(t *testing.T) {
+	src, dst := t.TempDir(), t.TempDir()
+	contents := map[string]string{ // staged name -> contents
+		"kernel/net/plain.ko":             "\x7fELF plain",
+		"kernel/drivers/net/wireguard.ko": "\x7fELF wireguard",
+		"kernel/crypto/gcm.ko":            "\x7fELF gcm",
+		"kernel/crypto/seqiv.ko":          "\x7fELF seqiv",
+	}
+	// As the package ships them: one plain, the others compressed the ways
+	// CONFIG_MODULE_COMPRESS_* can.
+	shipped := map[string]string{
+		"kernel/net/plain.ko":                "",
+		"kernel/drivers/net/wireguard.ko.xz": "xz",
+		"kernel/crypto/gcm.ko.zst":           "zstd",
+		"kernel/crypto/seqiv.ko.gz":          "gzip",
+	}
+	for f, tool := range shipped {
+		p := filepath.Join(src, f)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		plain := contents[strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(f, ".xz"), ".zst"), ".gz")]
+		data := []byte(plain)
+		if tool != "" {
+			if _, err := exec.LookPath(tool); err != nil {
+				t.Fatalf("%s (hack/vm-deps.sh installs it): %v", tool, err)
+			}
+			cmd := exec.Command(tool, "-c", "-q")
+			cmd.Stdin = strings.NewReader(plain)
+			out, err := cmd.Output()
+			if err != nil {
+				t.Fatalf("compress with %s: %v", tool, err)
+			}
+			data = out
+		}
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	staged, err := stageModules(t.Context(), src, dst, slices.Sorted(maps.Keys(shipped)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(slices.Sorted(maps.Keys(contents)), slices.Sorted(slices.Values(staged))); diff != "" {
+		t.Errorf("staged (-want +got):\n%s", diff)
+	}
+	for f, want := range contents {
+		if b, err := os.ReadFile(filepath.Join(dst, f)); err != nil || string(b) != want {
+			t.Errorf("staged %s: %q, %v; want %q", f, b, err, want)
+		}
+	}
+	var left []string
+	filepath.WalkDir(dst, func(p string, e fs.DirEntry, err error) error {
+		if err == nil && !e.IsDir() && !strings.HasSuffix(p, ".ko") {
+			left = append(left, p)
+		}
+		return nil
+	})
+	if len(left) > 0 {
+		t.Errorf("compressed files left in the staging tree: %q", left)
+	}
+	for f := range shipped {
+		if _, err := os.Stat(filepath.Join(src, f)); err != nil {
+			t.Errorf("source %s: %v; the cache must stay as it was", f, err)
+		}
+	}
+	// Garbage with a compression suffix fails with the tool's package named.
+	if err := os.WriteFile(filepath.Join(src, "kernel/bad.ko.xz"), []byte("not xz"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stageModules(t.Context(), src, t.TempDir(), []string{"kernel/bad.ko.xz"}); err == nil || !strings.Contains(err.Error(), "xz-utils") {
+		t.Errorf("stage a corrupt .ko.xz: %v, want an error naming xz-utils", err)
+	}
+}
+
+// TestNewestCached picks the cached kernel of the asked series when apt
+// cannot answer: by package, else by the selector it was fetched for (a
+// stamp without one is the default metapackage's).
+func TestNewestCached(t *testing.T) {
+	kdir := t.TempDir()
+	now := time.Now()
+	add := func(dir, stamp string, age time.Duration) {
+		t.Helper()
+		d := filepath.Join(kdir, dir)
+		rel := strings.TrimPrefix(regexp.MustCompile(`release=\S+`).FindString(stamp), "release=")
+		for _, f := range []string{"boot/vmlinuz-" + rel, "lib/modules/" + rel + "/modules.dep"} {
+			if err := os.MkdirAll(filepath.Dir(filepath.Join(d, f)), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(d, f), nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.WriteFile(filepath.Join(d, "meshcrypt-kernel"), []byte(stamp), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(d, now.Add(-age), now.Add(-age)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	add("old61", "package=linux-image-6.1.0-56-cloud-amd64\nversion=6.1.192-2\nrelease=6.1.0-56-cloud-amd64\n", 3*time.Hour)
+	add("new61", "package=linux-image-6.1.0-57-cloud-amd64\nversion=6.1.192-3\nrelease=6.1.0-57-cloud-amd64\nselector=linux-image-cloud-amd64\n", 2*time.Hour)
+	add("trixie", "package=linux-image-6.12.118+deb13-cloud-amd64\nversion=6.12.118-1\nrelease=6.12.118+deb13-cloud-amd64\nselector=linux-image-cloud-amd64@trixie\n", time.Hour)
+	for _, tt := range []struct {
+		pkg, selector, want string
+	}{
+		{"", "linux-image-cloud-amd64", "6.1.0-57-cloud-amd64"},
+		{"", "linux-image-cloud-amd64@trixie", "6.12.118+deb13-cloud-amd64"},
+		{"linux-image-6.1.0-56-cloud-amd64", "", "6.1.0-56-cloud-amd64"},
+		{"", "linux-image-cloud-amd64@bookworm", ""},
+	} {
+		k, err := newestCached(kdir, tt.pkg, tt.selector)
+		switch {
+		case tt.want == "" && err == nil:
+			t.Errorf("newestCached(%q, %q) = %s, want none", tt.pkg, tt.selector, k.Release)
+		case tt.want != "" && (err != nil || k.Release != tt.want):
+			t.Errorf("newestCached(%q, %q) = %+v, %v; want %s", tt.pkg, tt.selector, k, err, tt.want)
+		}
+	}
+	if got := (KernelOptions{Release: "trixie"}).selector(); got != "linux-image-cloud-amd64@trixie" {
+		t.Errorf("selector = %q", got)
+	}
+}
+
+// TestAptConfig checks the private apt state of a kernel from another
+// release: the machine's apt gets no options, a private state reads only
+// its own files, names the release and its security suite, and is stale
+// until its sources and fresh lists are there.
+func TestAptConfig(t *testing.T) {
+	if got := (aptConfig{}).args("show", "x"); !slices.Equal(got, []string{"show", "x"}) {
+		t.Errorf("machine's apt args = %q", got)
+	}
+	dir := t.TempDir()
+	a := aptConfig{dir: dir, release: "trixie"}
+	args := strings.Join(a.args("depends", "linux-image-cloud-amd64"), " ")
+	for _, want := range []string{"Dir::Etc::SourceList=" + dir + "/sources.list", "Dir::Etc::SourceParts=" + dir + "/",
+		"Dir::State::Lists=" + dir + "/lists", "Dir::Cache=" + dir + "/cache", "Dir::Etc::Preferences=/dev/null"} {
+		if !strings.Contains(args, want) {
+			t.Errorf("args %q lack %q", args, want)
+		}
+	}
+	if !strings.HasSuffix(args, " depends linux-image-cloud-amd64") {
+		t.Errorf("args %q do not end with the command", args)
+	}
+	wantSources := "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main\n" +
+		"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security trixie-security main\n"
+	if diff := cmp.Diff(wantSources, a.sources()); diff != "" {
+		t.Errorf("sources (-want +got):\n%s", diff)
+	}
+	if !a.stale() {
+		t.Error("an empty state is not stale")
+	}
+	os.MkdirAll(filepath.Join(dir, "lists"), 0o755)
+	os.WriteFile(filepath.Join(dir, "sources.list"), []byte(a.sources()), 0o644)
+	list := filepath.Join(dir, "lists", "deb.debian.org_debian_dists_trixie_main_binary-amd64_Packages")
+	os.WriteFile(list, nil, 0o644)
+	if a.stale() {
+		t.Error("fresh sources and lists are stale")
+	}
+	old := time.Now().Add(-2 * aptListsMaxAge)
+	os.Chtimes(list, old, old)
+	if !a.stale() {
+		t.Error("lists two days old are not stale")
+	}
+	os.Chtimes(list, time.Now(), time.Now())
+	if (aptConfig{dir: dir, release: "forky"}).stale() == false {
+		t.Error("a state whose sources name another release is not stale")
 	}
 }

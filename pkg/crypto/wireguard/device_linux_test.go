@@ -560,7 +560,12 @@ func TestUserspaceTunnel(t *testing.T) {
 	t.Logf("re-adopting took %s", time.Since(start).Round(time.Millisecond))
 	t.Cleanup(func() { da.Close() })
 	devs[a] = da
+	// Traffic after the restart too: 200 ms, and at least 10 exchanges in all, which on a
+	// loaded machine under TCG (the kernel VM) take longer than the 550 ms the sleeps span.
 	time.Sleep(200 * time.Millisecond)
+	for deadline := time.Now().Add(10 * time.Second); sent.Load() < 11 && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+	}
 	close(stop)
 	<-done
 	if got, err := wireguard.DevicePID(a.wgName); err != nil || got != pid {
