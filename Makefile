@@ -54,7 +54,7 @@ test-k8s: build ## a real cluster (kubelets, containerd, ptp and bridge CNI, kub
 	$(GOTEST) -timeout 10m -v ./tests/k8s/ 2>&1 | grep -Ev '^\s+helpers_test\.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
 
 test-vm: ## the kernel suite in a qemu VM and the e2e suites there (WireGuard, IPsec, policy, faults), on Debian's cloud kernels 6.1 (kernel WireGuard, ESP, legacy tc) and 6.12 (kernel WireGuard, ESP, TCX); MESHCRYPT_VM_KERNELS=6.12 runs one
-	$(GOTEST) -timeout 45m -v ./tests/vm/ 2>&1 | grep -Ev '^\s+(cluster|harness)\.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
+	$(GOTEST) -timeout 60m -v ./tests/vm/ 2>&1 | grep -Ev '^\s+(cluster|harness)\.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
 
 demo: deps build ## run a 3-node cluster on this machine, turn WireGuard on, prove it, print meshcrypt status (KEEP=1 keeps it up)
 	$(GO) run ./tests/demo $(if $(KEEP),--keep,)

@@ -65,8 +65,8 @@ func e2eTestsOn(k vmKernel) []string {
 // documentation); the limits leave room for a loaded machine and stop a hung run inside
 // make test-vm's go test -timeout.
 const (
-	e2eTestTimeout = 12 * time.Minute // the tests/e2e binary in the guest (-test.timeout)
-	e2eBootTimeout = 14 * time.Minute // the whole boot
+	e2eTestTimeout = 15 * time.Minute // the tests/e2e binary in the guest (-test.timeout)
+	e2eBootTimeout = 17 * time.Minute // the whole boot
 )
 
 // e2eGuestKubeconfig is where the guest finds the admin kubeconfig of the host's control
