@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+
+	"github.com/meshcrypt/meshcrypt/tests/internal/owner"
 )
 
 // Files in a cluster's directory.
@@ -25,49 +27,12 @@ const (
 // staleGrace protects a directory whose owner file is not written yet (a Start in progress).
 const staleGrace = time.Minute
 
-// writeOwner records the current process (pid and start time, which tells a reused pid apart)
-// as the directory's owner.
-func writeOwner(dir string) error {
-	start, err := procStartTime(os.Getpid())
-	if err != nil {
-		return fmt.Errorf("write owner: %w", err)
-	}
-	return os.WriteFile(filepath.Join(dir, ownerFile), fmt.Appendf(nil, "%d %d\n", os.Getpid(), start), 0o600)
-}
+// writeOwner records this process as dir's owner (tests/internal/owner).
+func writeOwner(dir string) error { return owner.Write(dir, ownerFile) }
 
-// procStartTime returns field 22 of /proc/PID/stat, the start time in clock ticks since boot.
-func procStartTime(pid int) (uint64, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, err
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("parse /proc/%d/stat: no ')'", pid)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 20 {
-		return 0, fmt.Errorf("parse /proc/%d/stat: %d fields", pid, len(f))
-	}
-	return strconv.ParseUint(f[19], 10, 64)
-}
-
-// ownerAlive reports whether the process recorded in dir's owner file still runs. A directory
-// without a readable owner file counts as alive while it is younger than staleGrace.
-func ownerAlive(dir string) bool {
-	b, err := os.ReadFile(filepath.Join(dir, ownerFile))
-	if err != nil {
-		st, err := os.Stat(dir)
-		return err == nil && time.Since(st.ModTime()) < staleGrace
-	}
-	var pid int
-	var start uint64
-	if _, err := fmt.Sscanf(string(b), "%d %d", &pid, &start); err != nil || pid <= 0 {
-		return false
-	}
-	got, err := procStartTime(pid)
-	return err == nil && got == start
-}
+// ownerAlive reports whether the process recorded in dir's owner file still runs (a directory
+// without one counts as alive while younger than staleGrace).
+func ownerAlive(dir string) bool { return owner.Alive(dir, ownerFile, staleGrace) }
 
 // CleanupStale removes what killed runs left behind, for every cluster directory
 // (os.TempDir()/DirPrefix*) whose owner process has died: the processes of its nodes' cgroups
