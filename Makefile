@@ -44,8 +44,8 @@ test-unit: ## unit and privileged package tests (pure logic, netns, routes, user
 test-api: ## control plane tests against a real kube-apiserver + etcd: harness, CRD validation, RBAC and admission, the CLI, manifests and Helm chart (server-side dry-run), every command in the docs
 	$(GOTEST) -timeout 10m ./tests/controlplane/ ./tests/api/ ./tests/manifests/ ./tests/docs/
 
-test-harness: ## the network-namespace harness itself
-	$(GOTEST) -timeout 10m ./tests/netenv/ ./tests/cluster/
+test-harness: ## the network-namespace harness itself (and the tests' shared helpers)
+	$(GOTEST) -timeout 10m ./tests/netenv/ ./tests/cluster/ ./tests/internal/...
 
 test-e2e: ## end-to-end: agents on netns nodes, traffic with a marker, underlay capture
 	$(GOTEST) -timeout 25m -v ./tests/e2e/ 2>&1 | grep -Ev '^\s+cluster.go:[0-9]+: time=' ; exit $${PIPESTATUS[0]}
