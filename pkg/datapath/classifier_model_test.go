@@ -117,29 +117,36 @@ func TestClassifierMatchesModel(t *testing.T) {
 	}
 }
 
+// loadWorld makes the classifier's maps and strict mode those of m, with an empty connection
+// table: each random world starts afresh.
+func (c *Classifier) loadWorld(t testing.TB, m *model) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := c.ApplyIPCache(ctx, m.ipcache); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ApplyPolicy(ctx, m.policy, m.enforce); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetStrict(m.strict); err != nil {
+		t.Fatal(err)
+	}
+	c.clearConntrack(t)
+}
+
 // matchModel runs random packets through both programs, in random worlds, and fails t when a
 // counted reason differs from the model's or the verdict does not follow from it. after, if
 // not nil, is called after each run. It returns how many cases each reason had.
 func matchModel(t *testing.T, c *Classifier, worlds, packets int, after func(w int, m *model, fromPod bool, frame []byte, res modelResult)) map[Reason]int {
 	t.Helper()
-	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(modelSeed, 1))
 	seen := map[Reason]int{}
 	for w := range worlds {
 		m, addrs := randomWorld(rng)
-		if _, err := c.ApplyIPCache(ctx, m.ipcache); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := c.ApplyPolicy(ctx, m.policy, m.enforce); err != nil {
-			t.Fatal(err)
-		}
 		m.strict = w%3 == 0
-		if err := c.SetStrict(m.strict); err != nil {
-			t.Fatal(err)
-		}
-		// Each world starts with an empty connection table; within it, packets are a
-		// sequence (from_pod's first packet enters a connection to_pod then finds).
-		c.clearConntrack(t)
+		// Within a world, packets are a sequence (from_pod's first packet enters a
+		// connection to_pod then finds).
+		c.loadWorld(t, m)
 		for i := range packets {
 			frame := randomPacket(rng, addrs)
 			for _, fromPod := range []bool{true, false} {

@@ -455,7 +455,6 @@ func (f seqFlow) packet(rev bool, flags uint8) []byte {
 // connection flags and the whole connection table.
 func TestClassifierConnectionsMatchModel(t *testing.T) {
 	c := newTestClassifier(t, ClassifierOptions{ConntrackSize: 1024})
-	ctx := context.Background()
 	if err := c.SetFlowEvents(allEvents); err != nil {
 		t.Fatal(err)
 	}
@@ -465,16 +464,7 @@ func TestClassifierConnectionsMatchModel(t *testing.T) {
 	seen := map[string]int{}
 	for w := range worlds {
 		m, addrs := randomWorld(rng)
-		if _, err := c.ApplyIPCache(ctx, m.ipcache); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := c.ApplyPolicy(ctx, m.policy, m.enforce); err != nil {
-			t.Fatal(err)
-		}
-		if err := c.SetStrict(m.strict); err != nil {
-			t.Fatal(err)
-		}
-		c.clearConntrack(t)
+		c.loadWorld(t, m)
 		var flows []seqFlow
 		for range 6 {
 			var f seqFlow
