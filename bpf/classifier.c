@@ -458,9 +458,10 @@ static __always_inline int reason_drops(__u32 reason)
 	       reason == REASON_DROP_NOT_ENCRYPTED || reason == REASON_DROP_MALFORMED;
 }
 
-static __always_inline void flow_count(__u32 stat)
+/* count increments counter stat of a per-CPU array of __u64 (flow_stats, ct_stats). */
+static __always_inline void count(void *stats, __u32 stat)
 {
-	__u64 *n = bpf_map_lookup_elem(&flow_stats, &stat);
+	__u64 *n = bpf_map_lookup_elem(stats, &stat);
 
 	if (n)
 		(*n)++;
@@ -530,7 +531,7 @@ static __always_inline void flow_observe(struct __sk_buff *skb, struct packet *p
 	}
 	now = bpf_ktime_get_boot_ns();
 	if (!flow_take_token(st, cls, *rate, now)) {
-		flow_count(FLOW_STAT_RATE_LIMITED);
+		count(&flow_stats, FLOW_STAT_RATE_LIMITED);
 		return;
 	}
 
@@ -545,7 +546,7 @@ static __always_inline void flow_observe(struct __sk_buff *skb, struct packet *p
 
 	e = bpf_ringbuf_reserve(&flow_events, sizeof(*e), 0);
 	if (!e) {
-		flow_count(FLOW_STAT_LOST);
+		count(&flow_stats, FLOW_STAT_LOST);
 		return;
 	}
 	e->time = now;
@@ -562,7 +563,7 @@ static __always_inline void flow_observe(struct __sk_buff *skb, struct packet *p
 	e->flags = flags;
 	e->tcp_flags = p->tcp_flags;
 	bpf_ringbuf_submit(e, 0);
-	flow_count(FLOW_STAT_SUBMITTED);
+	count(&flow_stats, FLOW_STAT_SUBMITTED);
 }
 
 /* judgement is a policy decision about a connection's first packet, in the originator's
@@ -617,14 +618,6 @@ static __always_inline int unencrypted(__u32 required, __u32 to_flags)
 {
 	return required && !(to_flags & IPCACHE_LOCAL_POD) && (to_flags & IPCACHE_REMOTE_POD) &&
 	       !(to_flags & IPCACHE_TUNNEL_READY);
-}
-
-static __always_inline void ct_count(__u32 stat)
-{
-	__u64 *n = bpf_map_lookup_elem(&ct_stats, &stat);
-
-	if (n)
-		(*n)++;
 }
 
 /* ct_key_of fills k with the connection of (src sport) -> (dst dport) and returns 1 when src
@@ -701,7 +694,7 @@ static __always_inline __u32 ct_current(struct ct_entry *e, const struct ct_key 
 
 	if (e->epoch == epoch)
 		return e->reason;
-	ct_count(CT_STAT_REJUDGED);
+	count(&ct_stats, CT_STAT_REJUDGED);
 	__builtin_memcpy(a.addr, k->addr_a, 16);
 	__builtin_memcpy(b.addr, k->addr_b, 16);
 	dport = (e->flags & CT_ORIG_A) ? k->port_b : k->port_a;
@@ -893,9 +886,9 @@ static __always_inline void ct_enter(struct packet *p, struct judgement *j, __u3
 			e.flags |= CT_RST;
 	}
 	if (bpf_map_update_elem(&conntrack, &k, &e, BPF_ANY) == 0)
-		ct_count(CT_STAT_CREATED);
+		count(&ct_stats, CT_STAT_CREATED);
 	else
-		ct_count(CT_STAT_CREATE_FAILED);
+		count(&ct_stats, CT_STAT_CREATE_FAILED);
 }
 
 static __always_inline int classify(struct __sk_buff *skb, const int from_pod)
